@@ -1,0 +1,224 @@
+"""The producer: a small WSGI app that accepts uploads and answers job status.
+
+    POST /upload                  202 + Location: /jobs/<id>, once the original
+                                  is fsynced and the broker confirmed the job
+    GET  /jobs/<id>               the job's state (queued|processing|done|failed)
+    GET  /renditions/<id>/<file>  a rendition (nginx serves these in production)
+    GET  /healthz                 200 when the broker is reachable, else 503
+
+Every error is JSON ``{"error": "..."}`` with a status a client can act on:
+400 malformed, 413 too large, 415 not an accepted image, 422 over the size
+limits or an unreadable header, 503 + Retry-After when the broker cannot take
+the job, 507 when storage is full. Bad input never gets a 5xx.
+"""
+
+import email.parser
+import email.policy
+import json
+import logging
+import os
+import re
+
+from . import broker, images
+from .log import JobLog
+from .storage import Storage, StorageFull, new_job_id
+
+logger = logging.getLogger(__name__)
+
+_RENDITION_PATH = re.compile(r"^/renditions/([0-9a-f]{32})/([a-z0-9][a-z0-9_-]*)\.(jpg|png|webp)$")
+_CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+_REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found",
+            405: "Method Not Allowed", 413: "Content Too Large",
+            415: "Unsupported Media Type", 422: "Unprocessable Content",
+            500: "Internal Server Error", 503: "Service Unavailable",
+            507: "Insufficient Storage"}
+
+
+class HTTPError(Exception):
+    def __init__(self, status, message, headers=()):
+        super().__init__(message)
+        self.status = status
+        self.headers = list(headers)
+
+
+class Api:
+    """The WSGI application. One instance per gunicorn worker process; the
+    broker connection is made on first use, after the fork."""
+
+    def __init__(self, config):
+        self.config = config
+        self.storage = Storage(config.storage.root)
+        self.limits = images.Limits.from_config(config)
+        self._publisher = None
+        self._publisher_pid = None
+
+    @property
+    def publisher(self):
+        # A connection must never be shared across fork(): each process
+        # makes its own.
+        if self._publisher_pid != os.getpid():
+            self._publisher = broker.Publisher(self.config)
+            self._publisher_pid = os.getpid()
+        return self._publisher
+
+    # -- WSGI -----------------------------------------------------------------
+    def __call__(self, environ, start_response):
+        method = environ["REQUEST_METHOD"]
+        path = environ.get("PATH_INFO", "")
+        try:
+            if path == "/upload":
+                self._allow(method, "POST")
+                status, headers, body = self.upload(environ)
+            elif path.startswith("/jobs/"):
+                self._allow(method, "GET", "HEAD")
+                status, headers, body = self.job_status(path[len("/jobs/"):])
+            elif path.startswith("/renditions/"):
+                self._allow(method, "GET", "HEAD")
+                return self.rendition(environ, path, start_response)
+            elif path == "/healthz":
+                self._allow(method, "GET", "HEAD")
+                status, headers, body = self.health()
+            else:
+                raise HTTPError(404, f"no such resource: {path}")
+        except HTTPError as error:
+            status, headers, body = error.status, error.headers, {"error": str(error)}
+        except Exception:
+            logger.exception("Unexpected error answering %s %s.", method, path)
+            status, headers, body = 500, [], {"error": "internal error; see the API's log"}
+        data = json.dumps(body).encode() + b"\n"
+        start_response(f"{status} {_REASONS[status]}", [
+            ("Content-Type", "application/json"),
+            ("Content-Length", str(len(data))),
+            ("Cache-Control", "no-store"),
+            *headers,
+        ])
+        return [b"" if method == "HEAD" else data]
+
+    @staticmethod
+    def _allow(method, *allowed):
+        if method not in allowed:
+            raise HTTPError(405, f"{method} is not allowed here",
+                            [("Allow", ", ".join(allowed))])
+
+    def _unavailable(self, reason):
+        return HTTPError(503, reason, [("Retry-After", str(self.config.api.retry_after))])
+
+    # -- POST /upload -----------------------------------------------------------
+    def _read_body(self, environ):
+        limit = self.config.api.max_upload_bytes
+        declared = environ.get("CONTENT_LENGTH") or ""
+        if declared:
+            try:
+                length = int(declared)
+            except ValueError:
+                raise HTTPError(400, "Content-Length is not a number") from None
+            if length > limit:
+                raise HTTPError(413, f"the upload is {length} bytes; at most {limit} are accepted")
+            body = environ["wsgi.input"].read(length)
+        else:  # chunked: read one byte past the limit to tell
+            body = environ["wsgi.input"].read(limit + 1)
+            if len(body) > limit:
+                raise HTTPError(413, f"the upload is over {limit} bytes")
+        return body
+
+    @staticmethod
+    def _file_from_multipart(content_type, body):
+        head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
+        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
+        if not message.is_multipart() or message.defects:
+            raise HTTPError(400, "the multipart/form-data body is malformed")
+        files = [part for part in message.iter_parts()
+                 if part.get_param("name", header="content-disposition") == "file"]
+        if len(files) != 1:
+            raise HTTPError(400, "send exactly one form field named 'file' "
+                                 f"(this request has {len(files)})")
+        # The client's file name is ignored: ids and paths are ours.
+        return files[0].get_payload(decode=True) or b""
+
+    def upload(self, environ):
+        body = self._read_body(environ)
+        content_type = environ.get("CONTENT_TYPE", "")
+        if content_type.lower().startswith("multipart/"):
+            data = self._file_from_multipart(content_type, body)
+        else:  # the raw image bytes; the Content-Type header is not trusted
+            data = body
+        if not data:
+            raise HTTPError(400, "no image: send the bytes as the body, or as a "
+                                 "multipart/form-data field named 'file'")
+        try:
+            info = images.identify(data, self.limits)
+        except images.UnsupportedFormat as error:
+            raise HTTPError(415, str(error)) from None
+        except images.BadImage as error:
+            raise HTTPError(422, str(error)) from None
+
+        job_id = new_job_id()
+        log = JobLog(logger, job_id)
+        job = {"id": job_id, "state": "queued", "attempts": 0,
+               "original": {"format": info.format, "width": info.width,
+                            "height": info.height, "bytes": len(data)}}
+        try:
+            self.storage.save_original(job_id, data)
+            # State first: a worker may pick the job up before publish returns.
+            self.storage.write_job(job)
+        except StorageFull as error:
+            self.storage.forget_job(job_id)
+            log.error("refused: %s", error)
+            raise HTTPError(507, "the server's image storage is full; try again later",
+                            [("Retry-After", str(self.config.api.retry_after))]) from None
+        try:
+            self.publisher.publish(job_id, broker.job_message(job_id, info.format))
+        except broker.BrokerUnavailable as error:
+            self.storage.forget_job(job_id)
+            log.warning("refused with 503: %s", error)
+            raise self._unavailable(f"the job queue is unavailable ({error}); "
+                                    "nothing was stored, try again later") from None
+        log.info("accepted: %s %dx%d, %d bytes.", info.format, info.width, info.height, len(data))
+        status_url = f"/jobs/{job_id}"
+        return 202, [("Location", status_url)], {"id": job_id, "status_url": status_url}
+
+    # -- GET /jobs/<id> -------------------------------------------------------
+    def job_status(self, job_id):
+        job = self.storage.read_job(job_id)
+        if job is None:
+            raise HTTPError(404, f"no job with id {job_id!r}")
+        view = {key: job[key] for key in ("id", "state", "attempts", "original", "updated_at")
+                if key in job}
+        if job["state"] == "done":
+            view["renditions"] = job["renditions"]
+        if job["state"] == "failed":
+            view["error"] = job["error"]
+        return 200, [], view
+
+    # -- GET /renditions/... --------------------------------------------------
+    def rendition(self, environ, path, start_response):
+        match = _RENDITION_PATH.match(path)
+        file = None
+        if match:
+            job_id, name, extension = match.groups()
+            try:
+                file = open(os.path.join(self.storage.rendition_dir(job_id),
+                                         f"{name}.{extension}"), "rb")
+            except FileNotFoundError:
+                pass
+        if file is None:
+            data = json.dumps({"error": f"no such rendition: {path}"}).encode() + b"\n"
+            start_response("404 Not Found", [("Content-Type", "application/json"),
+                                             ("Content-Length", str(len(data)))])
+            return [data]
+        size = os.fstat(file.fileno()).st_size
+        start_response("200 OK", [("Content-Type", _CONTENT_TYPES[match.group(3)]),
+                                  ("Content-Length", str(size))])
+        if environ["REQUEST_METHOD"] == "HEAD":
+            file.close()
+            return [b""]
+        wrapper = environ.get("wsgi.file_wrapper")
+        return wrapper(file) if wrapper else iter(lambda: file.read(65536), b"")
+
+    # -- GET /healthz -----------------------------------------------------------
+    def health(self):
+        try:
+            self.publisher.check()
+        except broker.BrokerUnavailable as error:
+            raise self._unavailable(f"the broker is unavailable: {error}") from None
+        return 200, [], {"status": "ok", "broker": "reachable"}

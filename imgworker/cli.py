@@ -1,0 +1,146 @@
+"""The ``imgworker`` command: one entry point for every role."""
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+
+from . import __version__, config as configuration, log
+from .notify import Notifier
+
+logger = logging.getLogger("imgworker")
+
+#: sysexits.h EX_CONFIG: the units set RestartPreventExitStatus=78, so a
+#: broken config.ini stops the restart loop instead of feeding it.
+EXIT_CONFIG = 78
+
+
+def _load_config(args):
+    try:
+        return configuration.load(args.config)
+    except configuration.ConfigError as error:
+        print(f"imgworker: config error: {error}", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
+def cmd_api(args):
+    from . import server
+    config = _load_config(args)
+    log.setup()
+    server.run(config, Notifier())
+    return 0
+
+
+def cmd_worker(args):
+    from .worker import Worker
+    config = _load_config(args)
+    log.setup(instance=args.instance)
+    return Worker(config, args.instance, Notifier()).run()
+
+
+def cmd_check_config(args):
+    if args.template:
+        sys.stdout.write(configuration.template())
+        return 0
+    config = _load_config(args)
+    source = config.path or "built-in defaults (no config file found)"
+    print(f"{source}: OK; renditions: " +
+          ", ".join(f"{r.name} {r.width}x{r.height} {r.mode} {r.format}"
+                    for r in config.renditions))
+    return 0
+
+
+def _request(url, data=None, content_type=None):
+    request = urllib.request.Request(url, data=data)
+    if content_type:
+        request.add_header("Content-Type", content_type)
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as error:
+        try:
+            return error.code, json.load(error)
+        except ValueError:
+            return error.code, {"error": error.reason}
+
+
+def cmd_submit(args):
+    base = args.url or f"http://{_load_config(args).api.listen}"
+    with open(args.file, "rb") as handle:
+        data = handle.read()
+    try:
+        status, body = _request(base + "/upload", data, "application/octet-stream")
+        print(json.dumps({"http_status": status, **body}))
+        if status != 202 or not args.wait:
+            return 0 if status == 202 else 1
+        deadline = time.monotonic() + args.timeout
+        while time.monotonic() < deadline:
+            status, job = _request(base + body["status_url"])
+            if job.get("state") in ("done", "failed"):
+                print(json.dumps(job, indent=2))
+                return 0 if job["state"] == "done" else 1
+            time.sleep(0.2)
+    except urllib.error.URLError as error:
+        print(f"imgworker: cannot reach the API at {base}: {error.reason}", file=sys.stderr)
+        return 1
+    print(f"imgworker: job {body['id']} not finished after {args.timeout} s", file=sys.stderr)
+    return 1
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(
+        prog="imgworker",
+        description="Self-hosted event-driven image renditions: an upload API, "
+                    "RabbitMQ, and workers.")
+    parser.add_argument("--version", action="version", version=f"imgworker {__version__}")
+    parser.add_argument("--config", metavar="PATH",
+                        help="config file (default: $IMGWORKER_CONFIG or "
+                             f"{configuration.DEFAULT_PATH})")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    api = commands.add_parser("api", help="serve the upload API (under gunicorn)",
+                              description="Serve the HTTP API on [api] listen. Waits for the "
+                                          "broker first and tells systemd READY=1 only then.")
+    api.set_defaults(func=cmd_api)
+
+    worker = commands.add_parser("worker", help="consume jobs and write renditions",
+                                 description="Consume jobs from [broker] queue and write their "
+                                             "renditions below [storage] root. SIGTERM finishes "
+                                             "the job in hand, then exits; a second one exits "
+                                             "at once.")
+    worker.add_argument("--instance", default=os.environ.get("IMGWORKER_INSTANCE", "1"),
+                        help="this worker's name in logs and the journal field "
+                             "IMGWORKER_INSTANCE (the unit passes %%i)")
+    worker.set_defaults(func=cmd_worker)
+
+    check = commands.add_parser("check-config", help="validate the config file",
+                                description="Validate the config file; exit 0 if it is usable, "
+                                            f"{EXIT_CONFIG} with the file, section, option and "
+                                            "value otherwise.")
+    check.add_argument("--template", action="store_true",
+                       help="print the commented default config.ini instead")
+    check.set_defaults(func=cmd_check_config)
+
+    submit = commands.add_parser("submit", help="upload an image through the API",
+                                 description="Upload FILE to the API and print the job. With "
+                                             "--wait, poll until it is done or failed.")
+    submit.add_argument("file", metavar="FILE")
+    submit.add_argument("--wait", action="store_true", help="wait for the job to finish")
+    submit.add_argument("--timeout", type=float, default=60.0,
+                        help="seconds to wait with --wait (default 60)")
+    submit.add_argument("--url", help="API base URL (default: http://[api] listen)")
+    submit.set_defaults(func=cmd_submit)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

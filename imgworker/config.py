@@ -1,0 +1,290 @@
+"""imgworker's configuration: one schema, one file, errors that say where.
+
+Every option lives in ``SCHEMA`` with its default, its type and a help line.
+The shipped ``/etc/imgworker/config.ini`` is generated from it (``imgworker
+check-config --template``), so the file, the code and the docs cannot drift.
+
+``[renditions]`` is the one open section: its option names are the rendition
+names a deployment chooses, each value ``WIDTHxHEIGHT MODE FORMAT QUALITY``.
+When the file has that section it replaces the default set entirely, so a
+rendition can be removed as well as added.
+"""
+
+import configparser
+import ipaddress
+import os
+import re
+import textwrap
+import urllib.parse
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+#: Where the Debian package installs the file; ``IMGWORKER_CONFIG`` or
+#: ``--config`` point elsewhere (tests, a laptop).
+DEFAULT_PATH = "/etc/imgworker/config.ini"
+
+#: Formats the API can identify from their magic bytes (see images.sniff).
+KNOWN_FORMATS = ("jpeg", "png", "webp", "gif")
+
+
+class ConfigError(Exception):
+    """A config file that cannot be used; the message names file, section,
+    option and value, so the person reading the journal can fix it."""
+
+
+# -- value types ------------------------------------------------------------
+# Each parser takes the raw string and returns the typed value or raises
+# ValueError with a reason; _load() adds the where.
+
+def _positive_int(raw):
+    value = int(raw)
+    if value < 1:
+        raise ValueError("must be a whole number of at least 1")
+    return value
+
+
+def _seconds(raw):
+    value = float(raw)
+    if not value > 0:
+        raise ValueError("must be a number of seconds above 0")
+    return value
+
+
+def _amqp_url(raw):
+    parts = urllib.parse.urlsplit(raw)
+    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+        raise ValueError("must be an amqp:// or amqps:// URL with a host")
+    return raw
+
+
+def _absolute_path(raw):
+    if not os.path.isabs(raw):
+        raise ValueError("must be an absolute path")
+    return os.path.normpath(raw)
+
+
+def _listen(raw):
+    host, sep, port = raw.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError("must be HOST:PORT, e.g. 127.0.0.1:8000")
+    host = host.strip("[]")
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        if host != "localhost":
+            raise ValueError("HOST must be an IP address or localhost") from None
+    return raw
+
+
+def _formats(raw):
+    names = [name.strip().lower() for name in raw.split(",") if name.strip()]
+    unknown = [name for name in names if name not in KNOWN_FORMATS]
+    if unknown or not names:
+        raise ValueError("must be a comma-separated list of " + ", ".join(KNOWN_FORMATS))
+    return tuple(names)
+
+
+def _text(raw):
+    return raw
+
+
+@dataclass(frozen=True)
+class Option:
+    default: str
+    parse: object
+    help: str
+
+
+SCHEMA = {
+    "broker": {
+        "url": Option("amqp://guest:guest@localhost:5672/%2F", _amqp_url,
+                      "AMQP URL of the RabbitMQ vhost; %2F is the default vhost '/'."),
+        "queue": Option("imgworker.jobs", _text,
+                        "Durable queue the API publishes jobs to and workers consume."),
+        "dead_letter_queue": Option("imgworker.jobs.dead", _text,
+                                    "Where jobs that failed for good are kept for a person to look at."),
+        "prefetch": Option("1", _positive_int,
+                           "Unacknowledged jobs a worker holds at once; 1 keeps jobs spread evenly."),
+        "heartbeat": Option("60", _positive_int,
+                            "AMQP heartbeat in seconds; a dead peer is noticed after about twice this."),
+        "timeout": Option("3", _seconds,
+                          "Seconds to wait for the broker (connect, blocked by an alarm, confirms) "
+                          "before the API answers 503."),
+    },
+    "storage": {
+        "root": Option("/var/lib/imgworker", _absolute_path,
+                       "Originals, renditions and job state live below this directory."),
+    },
+    "api": {
+        "listen": Option("127.0.0.1:8000", _listen,
+                         "Address the API listens on; nginx proxies to it."),
+        "workers": Option("2", _positive_int,
+                          "Gunicorn worker processes of the API."),
+        "max_upload_bytes": Option("26214400", _positive_int,
+                                   "Largest accepted upload body in bytes (413 above); nginx's "
+                                   "client_max_body_size must match."),
+        "max_pixels": Option("50000000", _positive_int,
+                             "Largest accepted width x height of an upload (422 above)."),
+        "max_dimension": Option("20000", _positive_int,
+                                "Largest accepted width or height in pixels (422 above)."),
+        "formats": Option("jpeg, png, webp, gif", _formats,
+                          "Accepted image formats, identified from the bytes (415 otherwise)."),
+        "retry_after": Option("5", _positive_int,
+                              "Seconds sent in Retry-After with a 503 when the broker is unavailable."),
+    },
+    "worker": {
+        "max_attempts": Option("3", _positive_int,
+                               "Deliveries of one job, crashes included, before it is dead-lettered."),
+        "retry_delay": Option("5", _seconds,
+                              "Seconds to wait before handing a transiently failed job back."),
+        "stall_timeout": Option("300", _seconds,
+                                "Seconds a job may go without progress before the worker stops "
+                                "feeding the systemd watchdog, which then restarts it."),
+    },
+}
+
+#: The renditions a fresh install makes; [renditions] in the file replaces them.
+DEFAULT_RENDITIONS = {
+    "large": "1600x1600 fit jpeg 85",
+    "medium": "800x800 fit jpeg 85",
+    "thumb": "200x200 fill jpeg 80",
+}
+
+RENDITION_MODES = ("fit", "fill")
+RENDITION_FORMATS = ("jpeg", "png", "webp")
+_RENDITION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_RENDITION_VALUE = re.compile(r"^(\d+)x(\d+)\s+(\w+)\s+(\w+)\s+(\d+)$")
+
+
+@dataclass(frozen=True)
+class Rendition:
+    """One output a job makes: a box, how the image meets it, how it is saved."""
+    name: str
+    width: int
+    height: int
+    mode: str      # fit: inside the box; fill: cover the box, centre crop
+    format: str    # jpeg | png | webp
+    quality: int   # 1..100; for png, ignored (lossless)
+
+    @property
+    def extension(self):
+        return {"jpeg": "jpg"}.get(self.format, self.format)
+
+
+def parse_rendition(name, raw):
+    if not _RENDITION_NAME.match(name):
+        raise ValueError("a rendition name is lower-case letters, digits, '-' and '_'")
+    match = _RENDITION_VALUE.match(raw.strip().lower())
+    if not match:
+        raise ValueError("must be WIDTHxHEIGHT MODE FORMAT QUALITY, e.g. 1600x1600 fit jpeg 85")
+    width, height, mode, fmt, quality = match.groups()
+    width, height, quality = int(width), int(height), int(quality)
+    if not (0 < width <= 10000 and 0 < height <= 10000):
+        raise ValueError("width and height must be between 1 and 10000")
+    if mode not in RENDITION_MODES:
+        raise ValueError("MODE must be one of " + ", ".join(RENDITION_MODES))
+    if fmt not in RENDITION_FORMATS:
+        raise ValueError("FORMAT must be one of " + ", ".join(RENDITION_FORMATS))
+    if not 1 <= quality <= 100:
+        raise ValueError("QUALITY must be between 1 and 100")
+    return Rendition(name, width, height, mode, fmt, quality)
+
+
+class Config(SimpleNamespace):
+    """Typed settings: ``config.broker.url``, ``config.renditions`` (a tuple
+    of Rendition), ``config.path`` (the file they came from, or None)."""
+
+
+def load(path=None):
+    """Read and validate the config file.
+
+    A path given explicitly (argument or IMGWORKER_CONFIG) must exist; the
+    default path may be absent, and then the built-in defaults apply.
+    """
+    explicit = path or os.environ.get("IMGWORKER_CONFIG")
+    path = explicit or DEFAULT_PATH
+    # No interpolation: broker URLs carry %2F and passwords may carry '%'.
+    parser = configparser.ConfigParser(interpolation=None, empty_lines_in_values=False)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            parser.read_file(handle)
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{path}: no such file") from None
+        path = None
+    except OSError as error:
+        raise ConfigError(f"{path}: cannot be read: {error.strerror}") from None
+    except configparser.Error as error:
+        raise ConfigError(f"{path}: {error.message}") from None
+    return _build(parser, path)
+
+
+def _build(parser, path):
+    where = path or "<built-in defaults>"
+    unknown = [s for s in parser.sections() if s not in SCHEMA and s != "renditions"]
+    if unknown:
+        raise ConfigError(f"{where}: unknown section [{unknown[0]}]; "
+                          f"known sections: {', '.join(list(SCHEMA) + ['renditions'])}")
+    sections = {}
+    for section, options in SCHEMA.items():
+        present = parser[section] if parser.has_section(section) else {}
+        for option in present:
+            if option not in options:
+                raise ConfigError(f"{where}: [{section}] unknown option '{option}'; "
+                                  f"known options: {', '.join(options)}")
+        values = {}
+        for option, spec in options.items():
+            raw = present.get(option, spec.default)
+            try:
+                values[option] = spec.parse(raw.strip())
+            except ValueError as error:
+                raise ConfigError(f"{where}: [{section}] {option} = {raw!r}: {error}") from None
+        sections[section] = SimpleNamespace(**values)
+
+    # An empty [renditions] (the shipped file: every line commented) means
+    # the defaults; a non-empty one is the whole set.
+    raw_renditions = (dict(parser["renditions"]) if parser.has_section("renditions")
+                      and parser.options("renditions") else DEFAULT_RENDITIONS)
+    renditions = []
+    for name, raw in raw_renditions.items():
+        try:
+            renditions.append(parse_rendition(name, raw))
+        except ValueError as error:
+            raise ConfigError(f"{where}: [renditions] {name} = {raw!r}: {error}") from None
+    return Config(path=path, renditions=tuple(renditions), **sections)
+
+
+def from_dict(values):
+    """Build a Config from {section: {option: raw string}}, as a file would
+    give them (used by tests and tools that write their own config)."""
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read_dict(values)
+    return _build(parser, None)
+
+
+def template():
+    """The shipped config.ini: every option commented out at its default,
+    its help line above it."""
+    lines = [
+        "# imgworker configuration.",
+        "#",
+        "# Every option is shown commented out at its default. Uncomment and edit",
+        "# to change one, then check the file and restart the services:",
+        "#   imgworker check-config && systemctl restart imgworker.target",
+    ]
+    for section, options in SCHEMA.items():
+        lines += ["", f"[{section}]"]
+        for option, spec in options.items():
+            lines += ["", *textwrap.wrap(spec.help, 76, initial_indent="# ",
+                                         subsequent_indent="# ")]
+            lines.append(f"#{option} = {spec.default}")
+    lines += [
+        "",
+        "# One line per rendition a job makes: NAME = WIDTHxHEIGHT MODE FORMAT QUALITY",
+        "#   MODE: fit (inside the box, never enlarged) | fill (cover the box, centre crop)",
+        "#   FORMAT: jpeg | png | webp      QUALITY: 1-100 (ignored for png)",
+        "# Uncommenting any line here replaces the whole default set below.",
+        "[renditions]",
+    ]
+    lines += [f"#{name} = {value}" for name, value in DEFAULT_RENDITIONS.items()]
+    return "\n".join(lines) + "\n"

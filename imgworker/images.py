@@ -1,0 +1,289 @@
+"""The image work: identify an upload from its bytes, and make renditions.
+
+Pure functions of bytes in, bytes out; no files, no broker, so the API, the
+worker, the tests and the benchmarks all call the same code.
+
+Rendering follows what makes stock Pillow fast and correct:
+- JPEGs are decoded with ``draft()`` at the smallest DCT scale (1/2, 1/4,
+  1/8) still at least as large as the largest rendition needs;
+- each rendition is resized from the smallest image already made that is at
+  least twice its size (LANCZOS from 2x loses nothing visible), else from the
+  decoded original;
+- EXIF orientation is applied, and no metadata (EXIF, GPS, XMP) is ever
+  written to an output.
+"""
+
+import io
+import struct
+import warnings
+from dataclasses import dataclass
+
+from PIL import Image, UnidentifiedImageError
+
+#: Magic bytes -> format name; the only way a format is identified (never
+#: the file name or the Content-Type a client sent).
+_MAGIC = (
+    (0, b"\xff\xd8\xff", "jpeg"),
+    (0, b"\x89PNG\r\n\x1a\n", "png"),
+    (0, b"GIF87a", "gif"),
+    (0, b"GIF89a", "gif"),
+    (8, b"WEBP", "webp"),     # after b"RIFF" and a 4-byte length
+)
+_PIL_FORMAT = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WEBP"}
+
+#: EXIF Orientation tag value -> the transpose that shows the image upright.
+_UPRIGHT = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_EXIF_ORIENTATION = 0x0112
+
+#: A rendition is derived from an earlier, larger one only when that one is
+#: at least this many times its size; closer than that, resampling twice
+#: softens the result, so the decoded original is used instead.
+_DERIVE_RATIO = 2.0
+
+#: Background that transparent pixels become in formats without alpha.
+_FLATTEN_BACKGROUND = (255, 255, 255)
+
+
+class UnsupportedFormat(Exception):
+    """The bytes are not one of the accepted formats (HTTP 415)."""
+
+
+class BadImage(Exception):
+    """An accepted format whose header is unreadable or whose size is over
+    the limits (HTTP 422), or which cannot be decoded (a failed job). The
+    message is written for a person."""
+
+
+@dataclass(frozen=True)
+class Limits:
+    formats: tuple
+    max_pixels: int
+    max_dimension: int
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(config.api.formats, config.api.max_pixels, config.api.max_dimension)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    format: str
+    width: int
+    height: int
+
+
+@dataclass(frozen=True)
+class Output:
+    rendition: object
+    data: bytes
+    width: int
+    height: int
+
+
+def install_pillow_backstop(limits):
+    """Make Pillow refuse anything over our pixel cap even if a code path
+    skipped the header check: its bomb warning becomes an error."""
+    Image.MAX_IMAGE_PIXELS = limits.max_pixels
+    warnings.simplefilter("error", Image.DecompressionBombWarning)
+
+
+def sniff_format(data):
+    for offset, magic, name in _MAGIC:
+        if data[offset:offset + len(magic)] == magic:
+            if name == "webp" and data[:4] != b"RIFF":
+                continue
+            return name
+    return None
+
+
+def _open(data, limits):
+    """Open (not decode) the image and check it against the limits."""
+    fmt = sniff_format(data)
+    if fmt is None:
+        raise UnsupportedFormat("the data is not an image in a format imgworker knows "
+                                "(it accepts " + ", ".join(limits.formats) + ")")
+    if fmt not in limits.formats:
+        raise UnsupportedFormat(f"{fmt} images are not accepted here "
+                                "(accepted: " + ", ".join(limits.formats) + ")")
+    try:
+        image = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]])
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage(f"the image has more than {limits.max_pixels} pixels") from None
+    except (UnidentifiedImageError, SyntaxError, ValueError, OSError, EOFError) as error:
+        raise BadImage(f"the {fmt} header cannot be read ({error})") from None
+    width, height = image.size
+    if width < 1 or height < 1:
+        raise BadImage(f"the image claims to be {width}x{height} pixels")
+    if max(width, height) > limits.max_dimension:
+        raise BadImage(f"the image is {width}x{height}; the largest side accepted "
+                       f"is {limits.max_dimension} pixels")
+    if width * height > limits.max_pixels:
+        raise BadImage(f"the image is {width}x{height} = {width * height} pixels; "
+                       f"at most {limits.max_pixels} are accepted")
+    return fmt, image
+
+
+def identify(data, limits):
+    """Format and size from the header alone, without decoding pixels.
+    Raises UnsupportedFormat or BadImage."""
+    fmt, image = _open(data, limits)
+    with image:
+        return ImageInfo(fmt, *image.size)
+
+
+# -- rendering ----------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Plan:
+    rendition: object
+    scaled: tuple   # the whole upright image scaled to this size...
+    final: tuple    # ...then centre-cropped to this (== scaled for fit)
+
+
+def _plan(rendition, width, height):
+    """Sizes for one rendition of an upright width x height image. Never
+    enlarges: a small original stays its size (fit) or is only cropped (fill)."""
+    box_w, box_h = rendition.width, rendition.height
+    if rendition.mode == "fit":
+        scale = min(box_w / width, box_h / height, 1.0)
+    else:
+        scale = min(max(box_w / width, box_h / height), 1.0)
+    scaled = (max(1, round(width * scale)), max(1, round(height * scale)))
+    if rendition.mode == "fit":
+        return _Plan(rendition, scaled, scaled)
+    return _Plan(rendition, scaled, (min(box_w, scaled[0]), min(box_h, scaled[1])))
+
+
+def _normalise_mode(image):
+    """A mode every resampler and encoder handles, keeping alpha if any."""
+    mode = image.mode
+    if mode in ("RGB", "RGBA", "L", "LA"):
+        return image
+    if mode.startswith("I") or mode == "F":
+        # 16-bit (and 32-bit) greyscale: scale to 8 bits; a plain
+        # convert("L") would clip everything above 255 to white.
+        if mode != "I":
+            image = image.convert("I") if mode.startswith("I;16") else image.convert("F")
+        shift = 1 / 256 if mode.startswith("I;16") or mode == "I" else 1.0
+        return image.point(lambda value: value * shift).convert("L")
+    if mode == "1":
+        return image.convert("L")
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in image.info
+        return image.convert("RGBA" if has_alpha else "RGB")
+    if mode == "RGBa":
+        return image.convert("RGBA")
+    if mode == "La":
+        return image.convert("LA")
+    # CMYK, YCbCr, LAB, HSV, RGBX
+    return image.convert("RGB")
+
+
+def _flatten(image):
+    """Composite transparency onto white, for formats without alpha."""
+    if image.mode == "LA":
+        image = image.convert("RGBA")
+    if image.mode != "RGBA":
+        return image
+    background = Image.new("RGBA", image.size, _FLATTEN_BACKGROUND + (255,))
+    return Image.alpha_composite(background, image).convert("RGB")
+
+
+def _encode(image, rendition, icc_profile):
+    if rendition.format == "jpeg":
+        image = _flatten(image)
+    # Resized images inherit .info (EXIF, XMP, comments) from their source;
+    # some encoders write what is there. Outputs carry no metadata at all.
+    image.info = {}
+    buffer = io.BytesIO()
+    options = {}
+    if icc_profile:
+        options["icc_profile"] = icc_profile
+    if rendition.format == "jpeg":
+        image.save(buffer, "JPEG", quality=rendition.quality, **options)
+    elif rendition.format == "webp":
+        image.save(buffer, "WEBP", quality=rendition.quality, method=4, **options)
+    else:
+        image.save(buffer, "PNG", **options)
+    return buffer.getvalue()
+
+
+def _crop_centre(image, size):
+    if image.size == size:
+        return image
+    left = (image.width - size[0]) // 2
+    top = (image.height - size[1]) // 2
+    return image.crop((left, top, left + size[0], top + size[1]))
+
+
+def render(data, renditions, limits, progress=lambda: None):
+    """Make every rendition of the image in ``data``.
+
+    Returns a list of Output, largest first. Raises UnsupportedFormat or
+    BadImage (with a reason for a person) for anything that is not a
+    decodable image within the limits. ``progress`` is called after each
+    step, so a caller can tell a slow job from a hung one.
+    """
+    fmt, image = _open(data, limits)
+    try:
+        return _render(fmt, image, renditions, progress)
+    except (BadImage, UnsupportedFormat):
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+        raise BadImage(f"the image has more than {limits.max_pixels} pixels") from None
+    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as error:
+        raise BadImage(f"the {fmt} data cannot be decoded ({error})") from None
+    finally:
+        image.close()
+
+
+def _render(fmt, image, renditions, progress):
+    orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if fmt in ("jpeg", "webp", "png") else 1
+    transpose = _UPRIGHT.get(orientation)
+    sideways = orientation in (5, 6, 7, 8)
+    width, height = image.size
+    upright = (height, width) if sideways else (width, height)
+    plans = sorted((_plan(r, *upright) for r in renditions),
+                   key=lambda plan: plan.scaled[0] * plan.scaled[1], reverse=True)
+
+    # ICC profiles describe RGB pixels only when the source was RGB; a CMYK
+    # profile on converted RGB output would be wrong, so it is dropped.
+    icc_profile = image.info.get("icc_profile") if image.mode in ("RGB", "RGBA", "P") else None
+
+    if fmt == "jpeg":
+        need_w, need_h = plans[0].scaled
+        if sideways:
+            need_w, need_h = need_h, need_w
+        image.draft(image.mode, (need_w, need_h))
+    # Animated GIF/WebP: the file is positioned on its first frame.
+    image.load()
+    progress()
+    base = _normalise_mode(image)
+    if transpose is not None:
+        base = base.transpose(transpose)
+
+    made = []         # (scaled image, output) for deriving smaller ones
+    outputs = []
+    for plan in plans:
+        source = base
+        for earlier in reversed(made):
+            if (earlier.width >= _DERIVE_RATIO * plan.scaled[0]
+                    and earlier.height >= _DERIVE_RATIO * plan.scaled[1]):
+                source = earlier
+                break
+        scaled = (source if source.size == plan.scaled
+                  else source.resize(plan.scaled, Image.Resampling.LANCZOS))
+        made.append(scaled)
+        final = _crop_centre(scaled, plan.final)
+        outputs.append(Output(plan.rendition, _encode(final, plan.rendition, icc_profile),
+                              *final.size))
+        progress()
+    return outputs

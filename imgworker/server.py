@@ -1,0 +1,90 @@
+"""Runs the API under gunicorn (Debian's python3-gunicorn), configured from
+config.ini rather than gunicorn's own flags, so one file configures it all."""
+
+import logging
+import time
+
+from gunicorn.app.base import BaseApplication
+from gunicorn.glogging import Logger as GunicornLogger
+
+from . import broker
+from .api import Api
+from .storage import Storage
+
+logger = logging.getLogger(__name__)
+
+
+class _JoinedLogger(GunicornLogger):
+    """Gunicorn's error log goes through our handlers (journald with fields,
+    or stderr), not a second stream with its own timestamps. Access logs are
+    nginx's job."""
+
+    def setup(self, cfg):
+        super().setup(cfg)
+        for log in (self.error_log, self.access_log):
+            for handler in list(log.handlers):
+                log.removeHandler(handler)
+            log.propagate = log is self.error_log
+
+
+class ApiServer(BaseApplication):
+    def __init__(self, config, notifier):
+        self.config = config
+        self.notifier = notifier
+        super().__init__()
+
+    def load_config(self):
+        settings = {
+            "bind": [self.config.api.listen],
+            "workers": self.config.api.workers,
+            # Sync workers: one request at a time per process, matching one
+            # blocking pika connection per process.
+            "worker_class": "sync",
+            "proc_name": "imgworker-api",
+            "logger_class": _JoinedLogger,
+            "when_ready": self._when_ready,
+            "on_exit": self._on_exit,
+            # A request may wait config.broker.timeout for the broker, plus a
+            # reconnect; anything far beyond is a stuck worker.
+            "timeout": 30,
+            "graceful_timeout": 30,
+        }
+        for key, value in settings.items():
+            self.cfg.set(key, value)
+
+    def load(self):
+        return Api(self.config)
+
+    def _when_ready(self, _arbiter):
+        self.notifier.ready(f"Accepting uploads on {self.config.api.listen}.")
+
+    def _on_exit(self, _arbiter):
+        self.notifier.stopping("Stopped accepting uploads.")
+
+
+def wait_for_broker(config, notifier, should_stop=lambda: False):
+    """Block until the broker answers and the queues are declared, with
+    capped exponential backoff, so the unit turns active only when it can
+    take uploads."""
+    delay = 1.0
+    while True:
+        publisher = broker.Publisher(config)
+        try:
+            publisher.check()
+            return
+        except broker.BrokerUnavailable as error:
+            logger.warning("Waiting for the broker: %s. Next try in %.0f s.", error, delay)
+            notifier.status(f"Waiting for the broker: {error}")
+        finally:
+            publisher.close()
+        if should_stop():
+            raise SystemExit(1)
+        time.sleep(delay)
+        delay = min(delay * 2, 30.0)
+
+
+def run(config, notifier):
+    Storage(config.storage.root).prepare()
+    wait_for_broker(config, notifier)
+    logger.info("Broker reachable; starting the API on %s.", config.api.listen)
+    ApiServer(config, notifier).run()
