@@ -1,0 +1,252 @@
+"""Fixtures that run the real thing: a real RabbitMQ, and the api and workers
+as separate processes started the way systemd starts them (a config file in
+IMGWORKER_CONFIG, a NOTIFY_SOCKET the test binds and reads).
+
+Without a broker these tests skip on a laptop, and FAIL under CI=true: a CI
+that forgot to start RabbitMQ must not go green.
+"""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+
+import pika
+import pytest
+import requests
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+AMQP_URL = os.environ.get("IMGWORKER_TEST_AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
+
+
+@pytest.fixture(scope="session")
+def amqp_url():
+    try:
+        pika.BlockingConnection(pika.URLParameters(AMQP_URL)).close()
+    except Exception as error:  # noqa: BLE001 - any failure means "no broker"
+        message = f"RabbitMQ is not reachable at {AMQP_URL}: {error!r}"
+        if os.environ.get("CI"):
+            pytest.fail(message + " (CI must start it: see .ci/run)")
+        pytest.skip(message)
+    return AMQP_URL
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+class Service:
+    """One imgworker process with its own sd_notify socket."""
+
+    def __init__(self, name, args, env, workdir):
+        self.name = name
+        # AF_UNIX paths are limited to 108 bytes; pytest's tmp_path named
+        # after a long test name can exceed that.
+        self.notify_path = os.path.join(tempfile.mkdtemp(prefix="iw-"), "notify")
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(self.notify_path)
+        self.notifications = []
+        self.log_path = os.path.join(workdir, f"{name}.log")
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "imgworker", *args], cwd=REPO, stdout=log,
+                stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": self.notify_path, **env})
+
+    def read_notifications(self, timeout):
+        """Collect datagrams for up to timeout seconds; returns the new ones."""
+        new = []
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            self.notify.settimeout(remaining)
+            try:
+                new.append(self.notify.recv(4096).decode())
+            except socket.timeout:
+                break
+        self.notifications += new
+        return new
+
+    def wait_notification(self, text, timeout=20):
+        deadline = time.monotonic() + timeout
+        for seen in self.notifications:
+            if text in seen:
+                return seen
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
+            self.notify.settimeout(0.2)
+            try:
+                message = self.notify.recv(4096).decode()
+            except socket.timeout:
+                continue
+            self.notifications.append(message)
+            if text in message:
+                return message
+        raise AssertionError(f"{self.name} sent no {text!r} in {timeout} s; got "
+                             f"{self.notifications}\n{self.log()}")
+
+    def log(self):
+        with open(self.log_path, errors="replace") as handle:
+            return handle.read()
+
+    def signal(self, signum):
+        self.process.send_signal(signum)
+
+    def stop(self, timeout=30):
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.notify.close()
+        return self.process.returncode
+
+
+class Pipeline:
+    """A config file, a storage root and queues of its own, and helpers to
+    start services and look at what a user would look at."""
+
+    def __init__(self, amqp_url, workdir, **sections):
+        self.workdir = str(workdir)
+        self.root = os.path.join(self.workdir, "storage")
+        tag = uuid.uuid4().hex[:8]
+        self.queue = f"imgworker-test-{tag}.jobs"
+        self.dead_letter_queue = f"imgworker-test-{tag}.dead"
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        values = {
+            "broker": {"url": amqp_url, "queue": self.queue,
+                       "dead_letter_queue": self.dead_letter_queue, "timeout": "2"},
+            "storage": {"root": self.root},
+            "api": {"listen": f"127.0.0.1:{self.port}", "workers": "1", "retry_after": "4"},
+            "worker": {"retry_delay": "0.5"},
+        }
+        for section, options in sections.items():
+            values.setdefault(section, {}).update(options)
+        self.config_path = os.path.join(self.workdir, "config.ini")
+        with open(self.config_path, "w") as handle:
+            for section, options in values.items():
+                handle.write(f"[{section}]\n")
+                handle.writelines(f"{key} = {value}\n" for key, value in options.items())
+        self.amqp_url = amqp_url
+        self.services = []
+
+    def start(self, name, *args, env=None, ready=True):
+        service = Service(name, args, {"IMGWORKER_CONFIG": self.config_path, **(env or {})},
+                          self.workdir)
+        self.services.append(service)
+        if ready:
+            service.wait_notification("READY=1")
+        return service
+
+    def start_api(self, **kwargs):
+        return self.start("api", "api", **kwargs)
+
+    def start_worker(self, instance=1, **kwargs):
+        return self.start(f"worker{instance}-{len(self.services)}", "worker",
+                          "--instance", str(instance), **kwargs)
+
+    # -- what a user sees -------------------------------------------------------
+    def upload(self, image=None, **kwargs):
+        if "files" not in kwargs and image is not None:
+            kwargs["files"] = {"file": ("photo.jpg", image, "image/jpeg")}
+        return requests.post(self.base_url + "/upload", timeout=30, **kwargs)
+
+    def job(self, job_id):
+        return requests.get(f"{self.base_url}/jobs/{job_id}", timeout=10).json()
+
+    def wait_job(self, job_id, states=("done", "failed"), timeout=60):
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            job = self.job(job_id)
+            if job.get("state") in states:
+                return job
+            time.sleep(0.05)
+        raise AssertionError(f"job {job_id} not {states} after {timeout} s: {self.job(job_id)}\n"
+                             + "\n".join(s.log() for s in self.services))
+
+    def job_file(self, job_id):
+        with open(os.path.join(self.root, "jobs", job_id + ".json")) as handle:
+            return json.load(handle)
+
+    def stored_jobs(self):
+        jobs = os.path.join(self.root, "jobs")
+        return sorted(os.listdir(jobs)) if os.path.isdir(jobs) else []
+
+    def stored_originals(self):
+        originals = os.path.join(self.root, "originals")
+        return sorted(os.listdir(originals)) if os.path.isdir(originals) else []
+
+    def _channel(self):
+        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        return connection, connection.channel()
+
+    def queue_depth(self, queue=None):
+        """Messages ready in the queue, as rabbitmqctl list_queues shows them."""
+        connection, channel = self._channel()
+        try:
+            return channel.queue_declare(queue or self.queue, passive=True).method.message_count
+        finally:
+            connection.close()
+
+    def dead_letters(self):
+        """(job id, x-death reason) of every message in the dead-letter
+        queue, left in place."""
+        connection, channel = self._channel()
+        found = []
+        try:
+            while True:
+                method, properties, body = channel.basic_get(self.dead_letter_queue)
+                if method is None:
+                    break
+                death = (properties.headers or {}).get("x-death", [{}])[0]
+                found.append((json.loads(body)["id"], death.get("reason")))
+        finally:
+            connection.close()  # unacked gets go back to the queue
+        return found
+
+    def close(self):
+        for service in self.services:
+            if service.process.poll() is None:
+                service.process.kill()
+                service.process.wait()
+            service.notify.close()
+        try:
+            connection, channel = self._channel()
+            channel.queue_delete(self.queue)
+            channel.queue_delete(self.dead_letter_queue)
+            connection.close()
+        except pika.exceptions.AMQPError:
+            pass
+
+
+@pytest.fixture
+def make_pipeline(amqp_url, tmp_path):
+    """Pipelines with their own config, storage and queues; every process
+    they started is killed and their queues deleted afterwards."""
+    made = []
+
+    def make(**sections):
+        workdir = tmp_path / f"pipeline{len(made)}"
+        workdir.mkdir()
+        made.append(Pipeline(amqp_url, workdir, **sections))
+        return made[-1]
+    yield make
+    for pipeline in made:
+        pipeline.close()
+
+
+@pytest.fixture
+def pipeline(make_pipeline):
+    return make_pipeline()

@@ -1,0 +1,113 @@
+import os
+import subprocess
+import sys
+
+import pytest
+
+from imgworker import config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write(tmp_path, text):
+    path = tmp_path / "config.ini"
+    path.write_text(text)
+    return str(path)
+
+
+def test_the_defaults_are_a_working_config_with_three_renditions():
+    loaded = config.from_dict({})
+    assert loaded.broker.prefetch == 1
+    assert loaded.storage.root == "/var/lib/imgworker"
+    assert [(r.name, r.width, r.height, r.mode, r.format, r.quality) for r in loaded.renditions] == [
+        ("large", 1600, 1600, "fit", "jpeg", 85),
+        ("medium", 800, 800, "fit", "jpeg", 85),
+        ("thumb", 200, 200, "fill", "jpeg", 80),
+    ]
+
+
+def test_a_file_sets_typed_values_and_keeps_percent_signs_in_the_broker_url(tmp_path):
+    path = write(tmp_path, "[broker]\nurl = amqp://u:p%%w@h:5672/%2F\nprefetch = 4\n"
+                           "[api]\nformats = jpeg, png\n")
+    loaded = config.load(path)
+    assert loaded.path == path
+    assert loaded.broker.url == "amqp://u:p%%w@h:5672/%2F"
+    assert loaded.broker.prefetch == 4
+    assert loaded.api.formats == ("jpeg", "png")
+
+
+def test_a_renditions_section_replaces_the_default_set(tmp_path):
+    path = write(tmp_path, "[renditions]\nsquare = 300x300 fill webp 70\n")
+    (only,) = config.load(path).renditions
+    assert (only.name, only.width, only.mode, only.format, only.extension) == \
+        ("square", 300, "fill", "webp", "webp")
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("[broker]\nprefetch = zero\n", "[broker] prefetch = 'zero'"),
+    ("[broker]\nprefetch = 0\n", "[broker] prefetch = '0': must be a whole number of at least 1"),
+    ("[broker]\nurl = http://x/\n", "[broker] url = 'http://x/': must be an amqp://"),
+    ("[storage]\nroot = relative/dir\n", "[storage] root = 'relative/dir': must be an absolute path"),
+    ("[api]\nlisten = 8000\n", "[api] listen = '8000': must be HOST:PORT"),
+    ("[api]\nformats = jpeg, tiff\n", "[api] formats = 'jpeg, tiff'"),
+    ("[renditions]\nbig = 1600 fit jpeg 85\n", "[renditions] big = '1600 fit jpeg 85': must be WIDTHxHEIGHT"),
+    ("[renditions]\nbig = 1600x1600 stretch jpeg 85\n", "MODE must be one of fit, fill"),
+    ("[renditions]\nbig = 1600x1600 fit gif 85\n", "FORMAT must be one of jpeg, png, webp"),
+    ("[renditions]\nbig = 1600x1600 fit jpeg 101\n", "QUALITY must be between 1 and 100"),
+    ("[broker]\nprefetchh = 2\n", "[broker] unknown option 'prefetchh'"),
+    ("[brokers]\nurl = amqp://h/\n", "unknown section [brokers]"),
+])
+def test_a_bad_config_names_the_file_section_option_and_value(tmp_path, text, expected):
+    path = write(tmp_path, text)
+    with pytest.raises(config.ConfigError) as error:
+        config.load(path)
+    assert str(error.value).startswith(path + ": ")
+    assert expected in str(error.value)
+
+
+def test_an_explicitly_named_missing_file_is_an_error_but_a_missing_default_is_not(tmp_path, monkeypatch):
+    with pytest.raises(config.ConfigError, match="no such file"):
+        config.load(str(tmp_path / "absent.ini"))
+    monkeypatch.delenv("IMGWORKER_CONFIG", raising=False)
+    monkeypatch.setattr(config, "DEFAULT_PATH", str(tmp_path / "absent.ini"))
+    assert config.load().path is None
+
+
+def test_the_shipped_config_file_is_the_template_and_loads_to_the_defaults():
+    shipped = os.path.join(REPO, "etc", "imgworker", "config.ini")
+    with open(shipped) as handle:
+        assert handle.read() == config.template(), \
+            "regenerate with: imgworker check-config --template > etc/imgworker/config.ini"
+    loaded = config.load(shipped)
+    assert loaded.renditions == config.from_dict({}).renditions
+    for section, options in config.SCHEMA.items():
+        for option in options:
+            assert f"#{option} = " in config.template()
+
+
+def run_cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "imgworker", *args], cwd=REPO,
+                          capture_output=True, text=True, env={**os.environ, **(env or {})})
+
+
+def test_check_config_exits_78_and_says_what_is_wrong(tmp_path):
+    path = write(tmp_path, "[worker]\nmax_attempts = -1\n")
+    result = run_cli("check-config", env={"IMGWORKER_CONFIG": path})
+    assert result.returncode == 78
+    assert f"{path}: [worker] max_attempts = '-1'" in result.stderr
+
+
+def test_check_config_accepts_a_good_file_given_with_the_flag(tmp_path):
+    path = write(tmp_path, "[api]\nlisten = 127.0.0.1:9000\n")
+    result = run_cli("--config", path, "check-config")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"{path}: OK")
+
+
+def test_every_command_explains_itself_with_help():
+    for command in ("api", "worker", "check-config", "submit"):
+        result = run_cli(command, "--help")
+        assert result.returncode == 0
+        assert "usage: imgworker" in result.stdout
+    assert "--instance" in run_cli("worker", "--help").stdout
+    assert "--wait" in run_cli("submit", "--help").stdout

@@ -1,0 +1,185 @@
+import io
+
+import pytest
+from PIL import Image
+
+from imgworker import config, images
+from tests import samples
+
+LIMITS = images.Limits(formats=("jpeg", "png", "webp", "gif"), max_pixels=50_000_000,
+                       max_dimension=20000)
+DEFAULT_RENDITIONS = config.from_dict({}).renditions
+
+
+def rendition(spec, name="out"):
+    return config.parse_rendition(name, spec)
+
+
+def decoded(output):
+    image = Image.open(io.BytesIO(output.data))
+    image.load()
+    return image
+
+
+def assert_no_metadata(data):
+    image = Image.open(io.BytesIO(data))
+    assert not image.getexif(), "EXIF written to an output"
+    assert "exif" not in image.info and "xmp" not in image.info
+    assert b"Exif\x00" not in data and b"TestCam" not in data
+
+
+# -- identify: the API's header check -------------------------------------------
+
+@pytest.mark.parametrize("fmt, data", [
+    ("jpeg", samples.jpeg(64, 48)),
+    ("png", samples.encode(samples.photo(64, 48), "PNG")),
+    ("webp", samples.encode(samples.photo(64, 48), "WEBP")),
+    ("gif", samples.encode(samples.photo(64, 48), "GIF")),
+])
+def test_identify_reads_format_and_size_from_the_bytes(fmt, data):
+    assert images.identify(data, LIMITS) == images.ImageInfo(fmt, 64, 48)
+
+
+@pytest.mark.parametrize("data", [
+    b"", b"hello, this is text", b'<?xml version="1.0"?><svg xmlns="http://www.w3.org/2000/svg"/>',
+    b"8BPS\x00\x01" + b"\x00" * 40,  # Photoshop
+    samples.encode(samples.photo(16, 16), "BMP"),
+])
+def test_identify_refuses_what_is_not_an_accepted_format(data):
+    with pytest.raises(images.UnsupportedFormat):
+        images.identify(data, LIMITS)
+
+
+def test_identify_refuses_a_format_taken_off_the_allowlist():
+    limits = images.Limits(("jpeg",), LIMITS.max_pixels, LIMITS.max_dimension)
+    with pytest.raises(images.UnsupportedFormat, match="png images are not accepted"):
+        images.identify(samples.encode(samples.photo(8, 8), "PNG"), limits)
+
+
+@pytest.mark.parametrize("width, height, message", [
+    (20001, 10, "largest side accepted is 20000"),
+    (10000, 10000, "at most 50000000 are accepted"),
+    (0, 100, "header cannot be read|claims to be"),
+])
+def test_identify_refuses_sizes_over_the_limits_without_decoding(width, height, message):
+    with pytest.raises(images.BadImage, match=message):
+        images.identify(samples.png_header_only(width, height), LIMITS)
+
+
+# -- render -------------------------------------------------------------------
+
+def test_the_default_renditions_of_a_12_mp_jpeg_have_the_right_sizes_and_decode():
+    outputs = images.render(samples.jpeg(4000, 3000), DEFAULT_RENDITIONS, LIMITS)
+    sizes = {o.rendition.name: decoded(o).size for o in outputs}
+    assert sizes == {"large": (1600, 1200), "medium": (800, 600), "thumb": (200, 200)}
+    for output in outputs:
+        assert (output.width, output.height) == decoded(output).size
+        assert decoded(output).format == "JPEG"
+
+
+def test_fill_covers_the_box_and_crops_the_centre():
+    # Left third red, middle green, right third blue: a centre crop of a wide
+    # image to a square keeps only green.
+    image = Image.new("RGB", (900, 300), (255, 0, 0))
+    image.paste((0, 255, 0), (300, 0, 600, 300))
+    image.paste((0, 0, 255), (600, 0, 900, 300))
+    (output,) = images.render(samples.encode(image, "PNG"), [rendition("100x100 fill png 100")], LIMITS)
+    result = decoded(output)
+    assert result.size == (100, 100)
+    assert result.getpixel((5, 50)) == (0, 255, 0) and result.getpixel((94, 50)) == (0, 255, 0)
+
+
+def test_a_small_original_is_never_enlarged():
+    (fit, fill) = images.render(samples.jpeg(120, 90), [rendition("1600x1600 fit jpeg 85", "a"),
+                                                        rendition("100x100 fill jpeg 85", "b")],
+                                LIMITS)
+    assert decoded(fit).size == (120, 90)
+    assert decoded(fill).size == (100, 90)
+
+
+@pytest.mark.parametrize("orientation, expected_size, red_corner", [
+    (1, (400, 200), (0, 0)),        # upright already: red top-left
+    (3, (400, 200), (399, 199)),    # rotated 180: red bottom-right
+    (6, (200, 400), (199, 0)),      # rotate 90 cw to view: red top-right
+    (8, (200, 400), (0, 399)),      # rotate 90 ccw to view: red bottom-left
+])
+def test_exif_orientation_is_applied_and_no_exif_or_gps_is_copied(orientation, expected_size,
+                                                                 red_corner):
+    data = samples.marked_jpeg(400, 200, orientation)
+    assert b"TestCam" in data  # the input does carry EXIF and GPS
+    (output,) = images.render(data, [rendition("400x400 fit png 100")], LIMITS)
+    result = decoded(output).convert("RGB")
+    assert result.size == expected_size
+    red, green, blue = result.getpixel(red_corner)
+    assert red > 200 and blue < 60, result.getpixel(red_corner)
+    assert_no_metadata(output.data)
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "webp", "png"])
+def test_no_output_format_carries_exif(fmt):
+    (output,) = images.render(samples.marked_jpeg(300, 200, 6), [rendition(f"100x100 fit {fmt} 80")],
+                              LIMITS)
+    assert_no_metadata(output.data)
+
+
+def test_a_cmyk_jpeg_becomes_an_rgb_rendition_with_its_colours():
+    cmyk = Image.new("CMYK", (400, 300), (0, 255, 255, 0))  # pure red in CMYK
+    (output,) = images.render(samples.encode(cmyk, "JPEG", quality=95),
+                              [rendition("200x200 fit jpeg 90")], LIMITS)
+    result = decoded(output)
+    assert result.mode == "RGB"
+    red, green, blue = result.getpixel((100, 75))
+    assert red > 200 and green < 60 and blue < 60
+
+
+def test_a_16_bit_grey_png_keeps_its_tones_instead_of_clipping_to_white():
+    grey16 = Image.new("I;16", (300, 300), 0x8000)  # half intensity
+    data = samples.encode(grey16, "PNG")
+    (output,) = images.render(data, [rendition("100x100 fit png 100")], LIMITS)
+    value = decoded(output).convert("L").getpixel((50, 50))
+    assert 120 <= value <= 136, value
+
+
+def test_transparency_is_kept_in_png_and_flattened_onto_white_in_jpeg():
+    palette = Image.new("P", (200, 200), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.paste(1, (0, 0, 100, 200))     # left half red, right half index 0
+    data = samples.encode(palette, "PNG", transparency=0)
+    png, jpg = images.render(data, [rendition("100x100 fit png 100", "a"),
+                                    rendition("100x100 fit jpeg 90", "b")], LIMITS)
+    as_png = decoded(png)
+    assert as_png.mode == "RGBA"
+    assert as_png.getpixel((10, 50)) == (255, 0, 0, 255)
+    assert as_png.getpixel((90, 50))[3] == 0
+    as_jpg = decoded(jpg)
+    assert as_jpg.mode == "RGB"
+    assert min(as_jpg.getpixel((90, 50))) > 240        # white, not black
+    assert as_jpg.getpixel((10, 50))[0] > 200
+
+
+def test_an_animated_gif_renders_its_first_frame():
+    frames = [Image.new("RGB", (120, 120), colour) for colour in ((255, 0, 0), (0, 0, 255))]
+    data = samples.encode(frames[0], "GIF", save_all=True, append_images=frames[1:], duration=50)
+    (output,) = images.render(data, [rendition("60x60 fit png 100")], LIMITS)
+    assert decoded(output).convert("RGB").getpixel((30, 30)) == (255, 0, 0)
+
+
+def test_a_truncated_jpeg_is_a_bad_image_with_a_readable_reason():
+    with pytest.raises(images.BadImage, match="jpeg data cannot be decoded .*truncated"):
+        images.render(samples.truncated_jpeg(), DEFAULT_RENDITIONS, LIMITS)
+
+
+def test_a_jpeg_is_decoded_at_reduced_scale_and_each_size_derives_from_a_larger_one(monkeypatch):
+    data = samples.jpeg(4000, 3000)
+    sources = []
+    original_resize = Image.Image.resize
+
+    def spy(self, size, *args, **kwargs):
+        sources.append((self.size, size))
+        return original_resize(self, size, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "resize", spy)
+    images.render(data, DEFAULT_RENDITIONS, LIMITS)
+    # draft() decodes at 1/2 scale (2000x1500 >= 1600x1200), not 4000x3000;
+    # medium comes from large, thumb from medium.
+    assert sources == [((2000, 1500), (1600, 1200)), ((1600, 1200), (800, 600)),
+                       ((800, 600), (267, 200))]
