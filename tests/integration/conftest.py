@@ -76,23 +76,18 @@ class Service:
         return new
 
     def wait_notification(self, text, timeout=20):
+        """The first notification containing text; waits up to timeout
+        seconds, reading what a process sent even after it exited."""
         deadline = time.monotonic() + timeout
-        for seen in self.notifications:
-            if text in seen:
-                return seen
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise AssertionError(f"{self.name} exited with {self.process.returncode}:\n{self.log()}")
-            self.notify.settimeout(0.2)
-            try:
-                message = self.notify.recv(4096).decode()
-            except socket.timeout:
-                continue
-            self.notifications.append(message)
-            if text in message:
-                return message
-        raise AssertionError(f"{self.name} sent no {text!r} in {timeout} s; got "
-                             f"{self.notifications}\n{self.log()}")
+        while True:
+            for seen in self.notifications:
+                if text in seen:
+                    return seen
+            exited = self.process.poll() is not None
+            if not self.read_notifications(0.2) and (exited or time.monotonic() > deadline):
+                break
+        raise AssertionError(f"{self.name} sent no {text!r} in {timeout} s (exit status "
+                             f"{self.process.returncode}); got {self.notifications}\n{self.log()}")
 
     def log(self):
         with open(self.log_path, errors="replace") as handle:
@@ -109,7 +104,6 @@ class Service:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.notify.close()
         return self.process.returncode
 
 
