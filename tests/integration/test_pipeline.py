@@ -1,13 +1,17 @@
 """Upload -> 202 -> worker -> renditions, and every way an upload is refused."""
 
 import io
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import requests
 from PIL import Image
 
 from tests import samples
+from tests.integration.conftest import REPO
 
 
 def test_an_upload_gets_202_and_its_renditions_appear_upright_sized_and_without_exif(pipeline):
@@ -121,3 +125,19 @@ def test_healthz_is_200_while_the_broker_is_reachable(pipeline):
     response = requests.get(pipeline.base_url + "/healthz", timeout=10)
     assert response.status_code == 200
     assert response.json() == {"status": "ok", "broker": "reachable"}
+
+
+def test_imgworker_submit_wait_prints_the_202_and_then_the_finished_job(pipeline, tmp_path):
+    pipeline.start_api()
+    pipeline.start_worker()
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(samples.jpeg(1000, 800))
+    result = subprocess.run([sys.executable, "-m", "imgworker", "--config", pipeline.config_path,
+                             "submit", str(photo), "--wait"], cwd=REPO, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    accepted, finished = result.stdout.split("\n", 1)
+    assert json.loads(accepted)["http_status"] == 202
+    job = json.loads(finished)
+    assert job["state"] == "done"
+    assert job["renditions"]["large"]["width"] == 1000

@@ -1,0 +1,75 @@
+"""The broker goes away (rabbitmqctl stop_app) and comes back: the API
+answers 503 quickly and never 202, the worker reconnects by itself.
+
+Needs rabbitmqctl for the broker the tests use, so it runs where that broker
+runs (CI, a dev machine with RabbitMQ installed).
+"""
+
+import shutil
+import subprocess
+import time
+
+import pytest
+import requests
+
+from tests import samples
+
+
+def rabbitmqctl(*args):
+    subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, timeout=120)
+
+
+@pytest.fixture
+def broker_control(amqp_url):
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail("rabbitmqctl is needed to stop and start the test broker")
+    yield
+    # Whatever the test did, leave the broker running for the next one.
+    rabbitmqctl("start_app")
+    rabbitmqctl("await_startup")
+
+
+def test_while_the_broker_is_down_uploads_get_503_fast_and_workers_resume_after(pipeline,
+                                                                               broker_control):
+    # Given a running pipeline that has processed a job
+    pipeline.start_api()
+    worker = pipeline.start_worker()
+    before = pipeline.upload(samples.jpeg(400, 300)).json()["id"]
+    assert pipeline.wait_job(before)["state"] == "done"
+
+    # When the broker stops
+    rabbitmqctl("stop_app")
+
+    # Then uploads are refused with 503 and Retry-After within a few seconds
+    for _ in range(3):
+        started = time.monotonic()
+        response = pipeline.upload(samples.jpeg(400, 300))
+        elapsed = time.monotonic() - started
+        assert response.status_code == 503, response.text
+        assert response.headers["Retry-After"] == "4"
+        assert "the job queue is unavailable" in response.json()["error"]
+        assert elapsed < 5, f"503 took {elapsed:.1f} s"
+    health = requests.get(pipeline.base_url + "/healthz", timeout=10)
+    assert health.status_code == 503
+    # And nothing of the refused uploads is kept (only the earlier job)
+    assert pipeline.stored_originals() == [before]
+    assert pipeline.stored_jobs() == [before + ".json"]
+
+    # When the broker is back
+    rabbitmqctl("start_app")
+    rabbitmqctl("await_startup")
+
+    # Then the API accepts again and the same worker process (reconnected
+    # by itself) finishes the job
+    deadline = time.monotonic() + 30
+    while True:
+        response = pipeline.upload(samples.jpeg(400, 300))
+        if response.status_code == 202 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert response.status_code == 202, response.text
+    job = pipeline.wait_job(response.json()["id"], timeout=60)
+    assert job["state"] == "done"
+    assert worker.process.poll() is None
+    assert "Lost the broker" in worker.log()
+    assert requests.get(pipeline.base_url + "/healthz", timeout=10).status_code == 200
