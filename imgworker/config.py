@@ -97,8 +97,10 @@ class Option:
 
 SCHEMA = {
     "broker": {
-        "url": Option("amqp://guest:guest@localhost:5672/%2F", _amqp_url,
-                      "AMQP URL of the RabbitMQ vhost; %2F is the default vhost '/'."),
+        "url": Option("amqp://guest:guest@127.0.0.1:5672/%2F", _amqp_url,
+                      "AMQP URL of the RabbitMQ vhost (%2F is the vhost '/'). The Debian "
+                      "package writes one with a generated password to config.d/broker.ini, "
+                      "which is read after this file."),
         "queue": Option("imgworker.jobs", _text,
                         "Durable queue the API publishes jobs to and workers consume."),
         "dead_letter_queue": Option("imgworker.jobs.dead", _text,
@@ -195,62 +197,90 @@ class Config(SimpleNamespace):
     of Rendition), ``config.path`` (the file they came from, or None)."""
 
 
-def load(path=None):
-    """Read and validate the config file.
-
-    A path given explicitly (argument or IMGWORKER_CONFIG) must exist; the
-    default path may be absent, and then the built-in defaults apply.
-    """
-    explicit = path or os.environ.get("IMGWORKER_CONFIG")
-    path = explicit or DEFAULT_PATH
+def _read(path):
     # No interpolation: broker URLs carry %2F and passwords may carry '%'.
     parser = configparser.ConfigParser(interpolation=None, empty_lines_in_values=False)
     try:
         with open(path, encoding="utf-8") as handle:
             parser.read_file(handle)
-    except FileNotFoundError:
-        if explicit:
-            raise ConfigError(f"{path}: no such file") from None
-        path = None
     except OSError as error:
+        if isinstance(error, FileNotFoundError):
+            raise
         raise ConfigError(f"{path}: cannot be read: {error.strerror}") from None
     except configparser.Error as error:
         raise ConfigError(f"{path}: {error.message}") from None
-    return _build(parser, path)
+    return parser
 
 
-def _build(parser, path):
-    where = path or "<built-in defaults>"
-    unknown = [s for s in parser.sections() if s not in SCHEMA and s != "renditions"]
-    if unknown:
-        raise ConfigError(f"{where}: unknown section [{unknown[0]}]; "
-                          f"known sections: {', '.join(list(SCHEMA) + ['renditions'])}")
+def load(path=None):
+    """Read and validate the config file, then the drop-ins beside it.
+
+    Drop-ins are ``config.d/*.ini`` next to the file, read in name order,
+    each overriding what came before; the Debian package keeps the broker
+    credentials it generates in one (config.d/broker.ini), so config.ini
+    stays a conffile the package never edits. A path given explicitly
+    (argument or IMGWORKER_CONFIG) must exist; the default path may be
+    absent, and then the built-in defaults apply.
+    """
+    explicit = path or os.environ.get("IMGWORKER_CONFIG")
+    path = explicit or DEFAULT_PATH
+    files = []
+    try:
+        files.append((path, _read(path)))
+    except FileNotFoundError:
+        if explicit:
+            raise ConfigError(f"{path}: no such file") from None
+    drop_ins = os.path.join(os.path.dirname(path), "config.d")
+    if os.path.isdir(drop_ins):
+        for name in sorted(os.listdir(drop_ins)):
+            if name.endswith(".ini"):
+                files.append((os.path.join(drop_ins, name), _read(os.path.join(drop_ins, name))))
+    return _build(files, path if files and files[0][0] == path else None)
+
+
+def _build(files, path):
+    """Merge [(where, parser)] in order, checking each file's sections and
+    options against the schema, then type every value."""
+    raw = {section: {option: (spec.default, "<built-in defaults>")
+                     for option, spec in options.items()}
+           for section, options in SCHEMA.items()}
+    raw_renditions = {name: (value, "<built-in defaults>")
+                      for name, value in DEFAULT_RENDITIONS.items()}
+    for where, parser in files:
+        for section in parser.sections():
+            if section == "renditions":
+                # An empty [renditions] (the shipped file: every line
+                # commented) keeps what came before; a non-empty one is the
+                # whole set.
+                if parser.options(section):
+                    raw_renditions = {name: (value, where)
+                                      for name, value in parser[section].items()}
+                continue
+            if section not in SCHEMA:
+                raise ConfigError(f"{where}: unknown section [{section}]; known sections: "
+                                  f"{', '.join(list(SCHEMA) + ['renditions'])}")
+            for option, value in parser[section].items():
+                if option not in SCHEMA[section]:
+                    raise ConfigError(f"{where}: [{section}] unknown option '{option}'; "
+                                      f"known options: {', '.join(SCHEMA[section])}")
+                raw[section][option] = (value, where)
+
     sections = {}
     for section, options in SCHEMA.items():
-        present = parser[section] if parser.has_section(section) else {}
-        for option in present:
-            if option not in options:
-                raise ConfigError(f"{where}: [{section}] unknown option '{option}'; "
-                                  f"known options: {', '.join(options)}")
         values = {}
         for option, spec in options.items():
-            raw = present.get(option, spec.default)
+            value, where = raw[section][option]
             try:
-                values[option] = spec.parse(raw.strip())
+                values[option] = spec.parse(value.strip())
             except ValueError as error:
-                raise ConfigError(f"{where}: [{section}] {option} = {raw!r}: {error}") from None
+                raise ConfigError(f"{where}: [{section}] {option} = {value!r}: {error}") from None
         sections[section] = SimpleNamespace(**values)
-
-    # An empty [renditions] (the shipped file: every line commented) means
-    # the defaults; a non-empty one is the whole set.
-    raw_renditions = (dict(parser["renditions"]) if parser.has_section("renditions")
-                      and parser.options("renditions") else DEFAULT_RENDITIONS)
     renditions = []
-    for name, raw in raw_renditions.items():
+    for name, (value, where) in raw_renditions.items():
         try:
-            renditions.append(parse_rendition(name, raw))
+            renditions.append(parse_rendition(name, value))
         except ValueError as error:
-            raise ConfigError(f"{where}: [renditions] {name} = {raw!r}: {error}") from None
+            raise ConfigError(f"{where}: [renditions] {name} = {value!r}: {error}") from None
     return Config(path=path, renditions=tuple(renditions), **sections)
 
 
@@ -259,7 +289,7 @@ def from_dict(values):
     give them (used by tests and tools that write their own config)."""
     parser = configparser.ConfigParser(interpolation=None)
     parser.read_dict(values)
-    return _build(parser, None)
+    return _build([("<dict>", parser)], None)
 
 
 def template():

@@ -49,8 +49,10 @@ def setup(instance=None, level=logging.INFO):
             f"%(asctime)s %(levelname)s imgworker{where} %(name)s: %(message)s"))
     root.addHandler(handler)
     root.setLevel(level)
-    # pika logs every connection step at INFO; our own lines say what matters.
-    logging.getLogger("pika").setLevel(logging.WARNING)
+    # pika logs each connection failure several times over, with tracebacks;
+    # every one also reaches our code as an exception, logged once, in a
+    # sentence ("Lost the broker: ...").
+    logging.getLogger("pika").setLevel(logging.CRITICAL)
 
 
 class JobLog(logging.LoggerAdapter):

@@ -111,3 +111,18 @@ def test_every_command_explains_itself_with_help():
         assert "usage: imgworker" in result.stdout
     assert "--instance" in run_cli("worker", "--help").stdout
     assert "--wait" in run_cli("submit", "--help").stdout
+
+
+def test_drop_ins_in_config_d_override_the_file_in_name_order_and_errors_name_the_drop_in(tmp_path):
+    path = write(tmp_path, "[broker]\nurl = amqp://a/\nprefetch = 2\n")
+    (tmp_path / "config.d").mkdir()
+    (tmp_path / "config.d" / "broker.ini").write_text("[broker]\nurl = amqp://imgworker:s3cret@b/iw\n")
+    (tmp_path / "config.d" / "zz-local.ini").write_text("[broker]\nprefetch = 3\n")
+    (tmp_path / "config.d" / "notes.txt").write_text("not read")
+    loaded = config.load(path)
+    assert (loaded.broker.url, loaded.broker.prefetch) == ("amqp://imgworker:s3cret@b/iw", 3)
+    (tmp_path / "config.d" / "zz-local.ini").write_text("[broker]\nprefetch = many\n")
+    with pytest.raises(config.ConfigError) as error:
+        config.load(path)
+    assert str(error.value).startswith(str(tmp_path / "config.d" / "zz-local.ini") +
+                                       ": [broker] prefetch = 'many'")
