@@ -27,6 +27,16 @@ def wait_processing(pipeline, job_id, timeout=30):
     raise AssertionError(f"job {job_id} never started: {pipeline.job(job_id)}")
 
 
+def slow_job_in_hand(make_pipeline, big_jpeg, **sections):
+    """A pipeline whose one worker is in the middle of a slow job."""
+    pipeline = make_pipeline(**SLOW, **sections)
+    pipeline.start_api()
+    worker = pipeline.start_worker(1)
+    job_id = pipeline.upload(big_jpeg).json()["id"]
+    wait_processing(pipeline, job_id)
+    return pipeline, worker, job_id
+
+
 def test_a_truncated_jpeg_ends_failed_in_one_attempt_and_sits_in_the_dead_letter_queue(pipeline):
     pipeline.start_api()
     worker = pipeline.start_worker()
@@ -50,11 +60,7 @@ def test_a_truncated_jpeg_ends_failed_in_one_attempt_and_sits_in_the_dead_letter
 
 
 def test_a_job_whose_worker_is_killed_midway_is_redelivered_and_finished_once(make_pipeline, big_jpeg):
-    pipeline = make_pipeline(**SLOW)
-    pipeline.start_api()
-    first = pipeline.start_worker(1)
-    job_id = pipeline.upload(big_jpeg).json()["id"]
-    wait_processing(pipeline, job_id)
+    pipeline, first, job_id = slow_job_in_hand(make_pipeline, big_jpeg)
     # When the worker dies hard in the middle of the job
     first.signal(signal.SIGKILL)
     first.process.wait()
@@ -88,11 +94,7 @@ def test_a_job_that_kills_its_worker_every_time_is_dead_lettered_after_max_attem
 
 
 def test_sigterm_finishes_and_acks_the_job_in_hand_then_exits_0(make_pipeline, big_jpeg):
-    pipeline = make_pipeline(**SLOW)
-    pipeline.start_api()
-    worker = pipeline.start_worker()
-    job_id = pipeline.upload(big_jpeg).json()["id"]
-    wait_processing(pipeline, job_id)
+    pipeline, worker, job_id = slow_job_in_hand(make_pipeline, big_jpeg)
     worker.signal(signal.SIGTERM)
     assert worker.process.wait(60) == 0
     job = pipeline.job(job_id)
@@ -102,11 +104,7 @@ def test_sigterm_finishes_and_acks_the_job_in_hand_then_exits_0(make_pipeline, b
 
 
 def test_a_second_sigterm_exits_at_once_and_the_job_goes_back_to_the_queue(make_pipeline, big_jpeg):
-    pipeline = make_pipeline(**SLOW)
-    pipeline.start_api()
-    worker = pipeline.start_worker()
-    job_id = pipeline.upload(big_jpeg).json()["id"]
-    wait_processing(pipeline, job_id)
+    pipeline, worker, job_id = slow_job_in_hand(make_pipeline, big_jpeg)
     worker.signal(signal.SIGTERM)
     time.sleep(0.3)
     worker.signal(signal.SIGTERM)
