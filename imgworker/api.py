@@ -34,6 +34,12 @@ _REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found",
             507: "Insufficient Storage"}
 
 
+def _chunks(file):
+    """A file as a WSGI body, closed when done (servers without file_wrapper)."""
+    with file:
+        yield from iter(lambda: file.read(65536), b"")
+
+
 class HTTPError(Exception):
     def __init__(self, status, message, headers=()):
         super().__init__(message)
@@ -213,7 +219,7 @@ class Api:
             file.close()
             return [b""]
         wrapper = environ.get("wsgi.file_wrapper")
-        return wrapper(file) if wrapper else iter(lambda: file.read(65536), b"")
+        return wrapper(file) if wrapper else _chunks(file)
 
     # -- GET /healthz -----------------------------------------------------------
     def health(self):

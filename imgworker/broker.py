@@ -25,6 +25,11 @@ class BrokerUnavailable(Exception):
     """The broker cannot take a message now (down, unreachable, blocked by a
     resource alarm, or it refused the message). Answer 503, retry later."""
 
+    def __init__(self, reason, stale_connection=False):
+        super().__init__(reason)
+        #: The failure hit a connection made for an earlier request.
+        self.stale_connection = stale_connection
+
 
 def parameters(config, name):
     """Connection parameters from config; ``name`` shows in the management UI
@@ -125,30 +130,34 @@ class Publisher:
     def publish(self, job_id, body):
         properties = pika.BasicProperties(delivery_mode=PERSISTENT, message_id=job_id,
                                           content_type="application/json")
-        for _ in range(2):
-            reused = self._ensure_open()
-            if self._blocked:
-                raise BrokerUnavailable("the broker is blocking publishers (resource alarm)")
-            try:
-                self._channel.basic_publish("", self._config.broker.queue, body,
-                                            properties, mandatory=True)
-                return
-            except pika.exceptions.UnroutableError:
-                raise BrokerUnavailable(f"no queue {self._config.broker.queue} "
-                                        "took the message") from None
-            except pika.exceptions.NackError:
-                raise BrokerUnavailable("the broker refused the message (nack)") from None
-            except pika.exceptions.ConnectionBlockedTimeout:
-                self.close()
-                raise BrokerUnavailable("the broker is blocking publishers (resource alarm)") \
-                    from None
-            except (pika.exceptions.AMQPError, OSError) as error:
-                self.close()
-                # A connection that sat idle may have died with a broker
-                # restart: one fresh try. A fresh one failing is the answer.
-                if not reused:
-                    raise BrokerUnavailable(describe(error)) from None
-        raise AssertionError("unreachable")
+        try:
+            self._publish(body, properties)
+        except BrokerUnavailable as error:
+            # A connection that sat idle may have died with a broker restart:
+            # one try on a fresh connection. A fresh one failing is the answer.
+            if not error.stale_connection:
+                raise
+            self._publish(body, properties)
+
+    def _publish(self, body, properties):
+        reused = self._ensure_open()
+        if self._blocked:
+            raise BrokerUnavailable("the broker is blocking publishers (resource alarm)")
+        try:
+            self._channel.basic_publish("", self._config.broker.queue, body,
+                                        properties, mandatory=True)
+        except pika.exceptions.UnroutableError:
+            raise BrokerUnavailable(f"no queue {self._config.broker.queue} "
+                                    "took the message") from None
+        except pika.exceptions.NackError:
+            raise BrokerUnavailable("the broker refused the message (nack)") from None
+        except pika.exceptions.ConnectionBlockedTimeout:
+            self.close()
+            raise BrokerUnavailable("the broker is blocking publishers (resource alarm)") \
+                from None
+        except (pika.exceptions.AMQPError, OSError) as error:
+            self.close()
+            raise BrokerUnavailable(describe(error), stale_connection=reused) from None
 
 
 def describe(error):

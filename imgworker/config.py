@@ -84,7 +84,9 @@ def _formats(raw):
     return tuple(names)
 
 
-def _text(raw):
+def _name(raw):
+    if not raw:
+        raise ValueError("must not be empty")
     return raw
 
 
@@ -101,9 +103,9 @@ SCHEMA = {
                       "AMQP URL of the RabbitMQ vhost (%2F is the vhost '/'). The Debian "
                       "package writes one with a generated password to config.d/broker.ini, "
                       "which is read after this file."),
-        "queue": Option("imgworker.jobs", _text,
+        "queue": Option("imgworker.jobs", _name,
                         "Durable queue the API publishes jobs to and workers consume."),
-        "dead_letter_queue": Option("imgworker.jobs.dead", _text,
+        "dead_letter_queue": Option("imgworker.jobs.dead", _name,
                                     "Where jobs that failed for good are kept for a person to look at."),
         "prefetch": Option("1", _positive_int,
                            "Unacknowledged jobs a worker holds at once; 1 keeps jobs spread evenly."),

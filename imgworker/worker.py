@@ -207,7 +207,7 @@ class Worker:
                 channel.basic_nack(tag, requeue=True)
         try:
             connection.add_callback_threadsafe(settle)
-        except (pika.exceptions.AMQPError, AttributeError, RuntimeError, OSError):
+        except pika.exceptions.ConnectionWrongStateError:
             # The connection is gone: nothing to ack on; the job is redelivered.
             self._in_hand.pop(tag, None)
 
