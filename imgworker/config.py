@@ -141,6 +141,9 @@ SCHEMA = {
                                "Deliveries of one job, crashes included, before it is dead-lettered."),
         "retry_delay": Option("5", _seconds,
                               "Seconds to wait before handing a transiently failed job back."),
+        "job_timeout": Option("120", _seconds,
+                              "Seconds one job may take to render; past that it fails for good, "
+                              "so one input cannot hold a worker."),
         "stall_timeout": Option("300", _seconds,
                                 "Seconds a job may go without progress before the worker stops "
                                 "feeding the systemd watchdog, which then restarts it."),

@@ -13,8 +13,12 @@ Delivery guarantees:
 - each delivery counts an attempt in the job's state file *before* work
   starts, so a job that kills its worker every time (a poison message) is
   dead-lettered after ``max_attempts`` instead of crash-looping the unit;
-- undecodable or over-limit images fail at once (no retry) with a reason;
-  anything else (disk full, I/O errors) is retried after ``retry_delay``.
+- undecodable or over-limit images, and jobs over ``job_timeout``, fail at
+  once (no retry) with a reason; anything else (disk full, I/O errors, a
+  renderer that crashed) is retried after ``retry_delay``.
+
+The image work itself runs in a child process (renderer.py), so a decoder
+that hangs or crashes costs one job attempt, never the worker.
 """
 
 import functools
@@ -30,6 +34,7 @@ import pika.exceptions
 
 from . import broker, images
 from .log import JobLog
+from .renderer import Renderer, RenderTimeout
 from .storage import Storage, StorageFull
 
 logger = logging.getLogger(__name__)
@@ -57,6 +62,7 @@ class Worker:
         self.storage = Storage(config.storage.root)
         self.limits = images.Limits.from_config(config)
         self._render_thread = ThreadPoolExecutor(1, thread_name_prefix="render")
+        self.renderer = Renderer(config.renditions, self.limits, config.worker.job_timeout)
         self._in_hand = {}          # delivery tag -> Future, on the current channel
         self._current_job = None    # id of the job being rendered
         self._progress_at = None    # monotonic time of its last step
@@ -79,7 +85,6 @@ class Worker:
         """Consume until SIGTERM; returns the process exit status."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        images.install_pillow_backstop(self.limits)
         self.storage.prepare()
         backoff = 1.0
         while not self._stop_requested:
@@ -100,6 +105,7 @@ class Worker:
                                f"{self.jobs_failed} failed.")
         logger.info("Stopped: %d jobs done, %d failed.", self.jobs_done, self.jobs_failed)
         self._render_thread.shutdown(wait=True)
+        self.renderer.stop()
         return 0
 
     def _sleep(self, seconds):
@@ -249,8 +255,7 @@ class Worker:
             log.info("processing (attempt %d of %d%s).", attempts, max_attempts,
                      ", redelivered" if redelivered else "")
             started = time.monotonic()
-            outputs = images.render(self.storage.read_original(job_id),
-                                    self.config.renditions, self.limits, self._progress)
+            outputs = self.renderer.render(self.storage.read_original(job_id), self._progress)
             renditions = {}
             for output in outputs:
                 self.storage.write_rendition(job_id, output.rendition, output.data)
@@ -269,6 +274,8 @@ class Worker:
             return _Ack.ACK
         except (images.BadImage, images.UnsupportedFormat) as error:
             return self._fail(job, log, f"the image cannot be processed: {error}")
+        except RenderTimeout as error:
+            return self._fail(job, log, str(error))
         except FileNotFoundError as error:
             if error.filename == self.storage.original_path(job_id):
                 return self._fail(job, log, "the uploaded original is missing from storage")
@@ -296,7 +303,7 @@ class Worker:
             reason = f"storage is full ({error})"
         if attempts >= self.config.worker.max_attempts:
             return self._fail(job, log, f"gave up after {attempts} attempts: {reason}")
-        log.warning("attempt %d failed (%s); handing it back in %.0f s.",
+        log.warning("attempt %d failed (%s); handing it back in %g s.",
                     attempts, reason, self.config.worker.retry_delay, exc_info=True)
         job.update(state="queued", last_error=reason)
         try:

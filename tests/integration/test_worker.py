@@ -1,6 +1,7 @@
 """The worker's promises: failures end with a reason, crashes are redelivered,
 SIGTERM drains, and systemd hears READY/STATUS/WATCHDOG/STOPPING."""
 
+import os
 import signal
 import time
 
@@ -143,3 +144,71 @@ def test_a_worker_that_cannot_reach_the_broker_never_says_ready(make_pipeline):
     assert worker.process.poll() is None  # still trying, with backoff
     assert "Reconnecting in" in worker.log()
     assert worker.stop() == 0
+
+
+def renderer_pid(worker, timeout=10):
+    """The worker's rendering child (spawned: its command line says so)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for child in children(worker.process.pid):
+            with open(f"/proc/{child}/cmdline", "rb") as handle:
+                if b"spawn_main" in handle.read():
+                    return child
+        time.sleep(0.05)
+    raise AssertionError("the worker has no renderer process")
+
+
+def children(pid):
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as handle:
+            found += [int(child) for child in handle.read().split()]
+    return found
+
+
+def test_a_job_over_job_timeout_fails_with_that_reason_and_the_worker_goes_on(make_pipeline,
+                                                                             big_jpeg):
+    pipeline, worker, job_id = slow_job_in_hand(make_pipeline, big_jpeg, worker={"job_timeout": "1"})
+    job = pipeline.wait_job(job_id, timeout=30)
+    assert job["state"] == "failed"
+    assert job["error"] == "rendering took longer than 1 s ([worker] job_timeout)"
+    assert job["attempts"] == 1
+    assert pipeline.dead_letters() == [(job_id, "rejected")]
+    # the same worker process renders the next job in a fresh child
+    small = pipeline.upload(samples.jpeg(300, 200)).json()["id"]
+    assert pipeline.wait_job(small)["state"] == "done"
+    assert worker.process.poll() is None
+
+
+def test_a_renderer_killed_midway_costs_one_attempt_and_the_job_still_finishes(make_pipeline,
+                                                                              big_jpeg):
+    # As when the OOM killer or a decoder crash takes the rendering process
+    pipeline, worker, job_id = slow_job_in_hand(make_pipeline, big_jpeg)
+    os.kill(renderer_pid(worker), signal.SIGKILL)
+    job = pipeline.wait_job(job_id, timeout=90)
+    assert job["state"] == "done" and job["attempts"] == 2
+    assert worker.process.poll() is None
+    assert "the renderer process died (signal SIGKILL)" in worker.log()
+    assert pipeline.queue_depth() == 0 and pipeline.dead_letters() == []
+
+
+def test_a_job_that_crashes_every_renderer_is_dead_lettered_with_its_reason(make_pipeline, big_jpeg):
+    pipeline, worker, job_id = slow_job_in_hand(make_pipeline, big_jpeg, worker={"max_attempts": "2"})
+    os.kill(renderer_pid(worker), signal.SIGKILL)
+    wait_attempt(pipeline, job_id, 2)
+    os.kill(renderer_pid(worker), signal.SIGKILL)
+    job = pipeline.wait_job(job_id, timeout=30)
+    assert job["state"] == "failed"
+    assert job["error"] == "gave up after 2 attempts: the renderer process died (signal SIGKILL)"
+    assert pipeline.dead_letters() == [(job_id, "rejected")]
+    assert worker.process.poll() is None   # the worker itself never died
+
+
+def wait_attempt(pipeline, job_id, attempt, timeout=30):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = pipeline.job(job_id)
+        if job["state"] == "processing" and job["attempts"] == attempt:
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"job {job_id} never reached attempt {attempt}: {pipeline.job(job_id)}")
