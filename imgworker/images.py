@@ -117,7 +117,11 @@ def _open(data, limits):
         image = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(f"the image has more than {limits.max_pixels} pixels") from None
-    except (UnidentifiedImageError, SyntaxError, ValueError, OSError, EOFError) as error:
+    except UnidentifiedImageError:
+        # Pillow's message names a BytesIO object; say what it means instead.
+        raise BadImage(f"the {fmt} header cannot be read: it is damaged, or declares "
+                       "an impossible size") from None
+    except (SyntaxError, ValueError, OSError, EOFError) as error:
         raise BadImage(f"the {fmt} header cannot be read ({error})") from None
     width, height = image.size
     if width < 1 or height < 1:

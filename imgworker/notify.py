@@ -15,6 +15,12 @@ class Notifier:
     def __init__(self):
         self.enabled = bool(os.environ.get("NOTIFY_SOCKET"))
         self._notifier = sdnotify.SystemdNotifier() if self.enabled else None
+        if self._notifier is not None and self._notifier.socket is not None:
+            # Never wait on the notify socket: a reader that falls behind
+            # (its datagram queue is short) would otherwise block the job
+            # thread in send(). A dropped STATUS or WATCHDOG is replaced by
+            # the next one within a second; sdnotify swallows the EAGAIN.
+            self._notifier.socket.setblocking(False)
         self.watchdog_interval = self._watchdog_interval()
 
     @staticmethod

@@ -60,3 +60,28 @@ def png_header_only(width, height):
 def truncated_jpeg():
     data = jpeg(800, 600)
     return data[: len(data) // 2]
+
+
+def corrupt_scan_jpeg():
+    """A JPEG whose entropy-coded data has a run of garbage in the middle."""
+    data = bytearray(jpeg(800, 600))
+    start = data.index(b"\xff\xda") + 200           # inside the first scan
+    data[start:start + 400] = bytes((i * 37) % 255 for i in range(400))  # no 0xFF markers
+    return bytes(data)
+
+
+def many_scans_jpeg(scans=2000):
+    """A progressive JPEG whose last scan is repeated ``scans`` times: each
+    scan makes the decoder walk every coefficient again (the classic
+    'many scans' decode-time attack; libjpeg only warns about it)."""
+    data = encode(photo(320, 240), "JPEG", quality=80, progressive=True)
+    last_sos = data.rindex(b"\xff\xda")
+    end = data.rindex(b"\xff\xd9")
+    return data[:end] + data[last_sos:end] * scans + data[end:]
+
+
+def animated_gif(frames=300, size=(200, 150)):
+    images = [Image.new("P", size, i % 256) for i in range(frames)]
+    for image in images:
+        image.putpalette([(i * 7) % 256 for i in range(768)])
+    return encode(images[0], "GIF", save_all=True, append_images=images[1:], duration=20)
