@@ -1,0 +1,157 @@
+"""Jepsen-style bookkeeping for the fault scenarios.
+
+Every upload is written down with what the API answered. Once a scenario has
+settled, the ledger is checked against what a user can see -- the job status,
+the rendition files -- and four counters come out:
+
+- lost: the API said 202, yet the job has neither its renditions nor a
+  `failed` state;
+- duplicated: processed more than once (attempts > 1): allowed, but counted;
+- corrupt: a rendition that does not decode, or has the wrong size;
+- unexpected: a rendition nobody asked for (an unknown name, or a job the
+  API never accepted).
+"""
+
+import io
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+
+import requests
+from PIL import Image
+
+from tests import samples
+
+#: Every scenario's results, printed as one table at the end of the run.
+RESULTS = []
+
+
+@dataclass
+class Counters:
+    scenario: str
+    accepted: int = 0
+    refused: dict = field(default_factory=dict)   # HTTP status -> count
+    done: int = 0
+    failed: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    corrupt: int = 0
+    unexpected: int = 0
+    notes: list = field(default_factory=list)
+
+
+class Ledger:
+    def __init__(self, pipeline, scenario):
+        self.pipeline = pipeline
+        self.counters = Counters(scenario)
+        self.accepted = []            # job ids that got 202
+        self.responses = []           # (monotonic start, seconds, status)
+        self._lock = threading.Lock()
+        self.photo = samples.jpeg(640, 480, quality=85)
+
+    def upload(self):
+        started = time.monotonic()
+        try:
+            response = requests.post(self.pipeline.base_url + "/upload", data=self.photo,
+                                     headers={"Content-Type": "image/jpeg"}, timeout=30)
+            status = response.status_code
+        except requests.RequestException:
+            response, status = None, "no answer"
+        with self._lock:
+            self.responses.append((started, time.monotonic() - started, status))
+            if status == 202:
+                self.accepted.append(response.json()["id"])
+            else:
+                self.counters.refused[status] = self.counters.refused.get(status, 0) + 1
+        return status
+
+    def run_load(self, count, per_second, stop=None):
+        """Upload ``count`` photos at about ``per_second`` from a thread;
+        returns the thread (join it)."""
+        def load():
+            for i in range(count):
+                if stop is not None and stop.is_set():
+                    return
+                target = start + i / per_second
+                time.sleep(max(0.0, target - time.monotonic()))
+                self.upload()
+        start = time.monotonic()
+        thread = threading.Thread(target=load, daemon=True)
+        thread.start()
+        return thread
+
+    def settle(self, timeout=120):
+        """Wait until every accepted job is done or failed (or time is up)."""
+        deadline = time.monotonic() + timeout
+        pending = list(self.accepted)
+        while pending and time.monotonic() < deadline:
+            pending = [job_id for job_id in pending
+                       if (self.pipeline.read_job(job_id) or {}).get("state") not in ("done", "failed")]
+            if pending:
+                time.sleep(0.2)
+        return pending
+
+    def check(self, settle_timeout=120):
+        """Count lost/duplicated/corrupt/unexpected; record the scenario."""
+        self.settle(settle_timeout)
+        c = self.counters
+        c.accepted = len(self.accepted)
+        wanted = {r.name: r for r in self.pipeline.renditions}
+        for job_id in self.accepted:
+            job = self.pipeline.read_job(job_id) or {}
+            state = job.get("state")
+            if job.get("attempts", 0) > 1:
+                c.duplicated += 1
+            if state == "failed":
+                c.failed += 1
+                continue
+            if state != "done":
+                c.lost += 1
+                c.notes.append(f"lost {job_id}: {state}")
+                continue
+            c.done += 1
+            for name, rendition in job["renditions"].items():
+                path = os.path.join(self.pipeline.root, rendition["url"].lstrip("/"))
+                try:
+                    with open(path, "rb") as handle:
+                        image = Image.open(io.BytesIO(handle.read()))
+                        image.load()
+                    if image.size != (rendition["width"], rendition["height"]):
+                        raise ValueError(f"size {image.size}")
+                except Exception as error:  # noqa: BLE001 - any failure is corruption
+                    c.corrupt += 1
+                    c.notes.append(f"corrupt {path}: {error}")
+            missing = set(wanted) - set(job["renditions"])
+            if missing:
+                c.lost += 1
+                c.notes.append(f"lost {job_id}: no {sorted(missing)}")
+        renditions = os.path.join(self.pipeline.root, "renditions")
+        accepted = set(self.accepted)
+        for job_id in os.listdir(renditions) if os.path.isdir(renditions) else ():
+            for name in os.listdir(os.path.join(renditions, job_id)):
+                stem = name.rsplit(".", 1)[0]
+                if job_id not in accepted or stem not in wanted:
+                    c.unexpected += 1
+                    c.notes.append(f"unexpected {job_id}/{name}")
+        RESULTS.append(c)
+        return c
+
+    def slowest_refusal(self, since=0.0):
+        """Seconds of the slowest non-202 answer after ``since``."""
+        times = [seconds for started, seconds, status in self.responses
+                 if status != 202 and started >= since]
+        return max(times, default=0.0)
+
+
+def table(results):
+    header = ("scenario", "accepted", "done", "failed", "lost", "duplicated", "corrupt",
+              "unexpected", "refused")
+    rows = [header] + [(c.scenario, c.accepted, c.done, c.failed, c.lost, c.duplicated,
+                        c.corrupt, c.unexpected,
+                        " ".join(f"{k}x{v}" for k, v in sorted(c.refused.items(), key=str)) or "-")
+                       for c in results]
+    widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]
+    lines = ["| " + " | ".join(str(v).ljust(w) for v, w in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)

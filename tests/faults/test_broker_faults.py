@@ -1,0 +1,104 @@
+"""The broker misbehaves under load: killed, alarmed, slow to heartbeat.
+Every 202 must still end in renditions."""
+
+import re
+import shutil
+import subprocess
+import time
+
+import pytest
+
+from tests import samples
+from tests.faults.ledger import Ledger
+
+
+def rabbitmqctl(*args):
+    return subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, text=True,
+                          timeout=120).stdout
+
+
+@pytest.fixture
+def local_broker(amqp_url):
+    """The test broker runs here and may be killed and restarted."""
+    if shutil.which("rabbitmqctl") is None:
+        pytest.fail("rabbitmqctl is needed to break and mend the test broker")
+    yield
+    rabbitmqctl("set_disk_free_limit", "50MB")
+    if subprocess.run(["rabbitmqctl", "-q", "status"], capture_output=True).returncode != 0:
+        start_broker()
+
+
+def start_broker():
+    subprocess.run(["rabbitmq-server", "-detached"], check=True, capture_output=True)
+    # await_startup needs the node to exist already; right after -detached
+    # it may not yet, and then it answers 69 (unavailable) at once.
+    deadline = time.monotonic() + 120
+    while subprocess.run(["rabbitmqctl", "-q", "await_startup", "--timeout", "60"],
+                         capture_output=True).returncode != 0:
+        assert time.monotonic() < deadline, "the broker did not come back"
+        time.sleep(0.5)
+
+
+def test_a_job_twice_as_long_as_the_heartbeat_keeps_its_connection_and_is_delivered_once(make_pipeline):
+    # heartbeat 1 s; the job renders for several seconds
+    pipeline = make_pipeline(broker={"heartbeat": "1"},
+                             renditions={"huge": "6000x6000 fit webp 100"})
+    pipeline.start_api()
+    worker = pipeline.start_worker()
+    ledger = Ledger(pipeline, "9. job of 2x+ the heartbeat")
+    ledger.photo = samples.jpeg(5000, 3500, quality=90)
+    ledger.upload()
+    counters = ledger.check()
+    job = pipeline.read_job(ledger.accepted[0])
+    assert job["seconds"] > 2, "the job must outlast two heartbeats"
+    assert (counters.done, counters.lost, counters.duplicated) == (1, 0, 0)
+    assert worker.log().count("processing (attempt") == 1
+    assert "Lost the broker" not in worker.log()
+
+
+def test_kill_9_of_the_broker_mid_publish_loses_no_confirmed_job(make_pipeline, local_broker):
+    pipeline = make_pipeline()
+    pipeline.start_api()
+    pipeline.start_worker(1)
+    pipeline.start_worker(2)
+    ledger = Ledger(pipeline, "4. kill -9 beam.smp x5")
+    load = ledger.run_load(count=400, per_second=20)
+    for _ in range(5):
+        time.sleep(2)
+        subprocess.run(["pkill", "-KILL", "-x", "beam.smp"], check=True)
+        time.sleep(1)
+        start_broker()
+    load.join()
+    counters = ledger.check(settle_timeout=180)
+    print(counters.notes[:10])
+    assert counters.lost == 0 and counters.corrupt == 0 and counters.unexpected == 0
+    assert counters.accepted > 100 and counters.refused.get(503, 0) > 0
+    assert set(counters.refused) <= {503}    # refused = 503 + Retry-After, never a 5xx
+    assert ledger.slowest_refusal() < 5
+
+
+def test_a_disk_alarm_gets_503_within_5_s_and_nothing_accepted_is_lost(make_pipeline, local_broker):
+    pipeline = make_pipeline()
+    pipeline.start_api()
+    pipeline.start_worker()
+    ledger = Ledger(pipeline, "5. disk free alarm")
+    load = ledger.run_load(count=300, per_second=10)
+    time.sleep(5)
+    rabbitmqctl("set_disk_free_limit", "100000GB")
+    alarm_raised = time.monotonic()
+    deadline = alarm_raised + 20
+    while "disk" not in rabbitmqctl("-q", "eval", "rabbit_alarm:get_alarms().") \
+            and time.monotonic() < deadline:
+        time.sleep(0.2)
+    time.sleep(8)
+    during = [status for started, _, status in ledger.responses if started > alarm_raised + 1]
+    rabbitmqctl("set_disk_free_limit", "50MB")
+    load.join()
+    counters = ledger.check()
+    assert during and all(status == 503 for status in during), during
+    assert ledger.slowest_refusal(since=alarm_raised) < 5
+    assert counters.lost == 0 and counters.corrupt == 0 and counters.unexpected == 0
+    # and uploads flow again once the alarm cleared
+    assert ledger.responses[-1][2] == 202
+    assert re.search(r"blocked|alarm", " ".join(str(n) for n in counters.notes) +
+                     pipeline.services[0].log())
