@@ -251,22 +251,27 @@ class Worker:
         try:
             job.update(state="processing", attempts=attempts, worker=self.instance,
                        started_at=time.time())
-            self.storage.write_job(job)
+            if not self._when_space(log, lambda: self.storage.write_job(job)):
+                return _Ack.REQUEUE
             log.info("processing (attempt %d of %d%s).", attempts, max_attempts,
                      ", redelivered" if redelivered else "")
             started = time.monotonic()
             outputs = self.renderer.render(self.storage.read_original(job_id), self._progress)
-            renditions = {}
-            for output in outputs:
-                self.storage.write_rendition(job_id, output.rendition, output.data)
-                renditions[output.rendition.name] = {
+            renditions = {
+                output.rendition.name: {
                     "url": self.storage.rendition_url(job_id, output.rendition),
                     "width": output.width, "height": output.height,
                     "format": output.rendition.format, "bytes": len(output.data),
-                }
+                } for output in outputs}
             job.update(state="done", renditions=renditions, error=None,
                        seconds=round(time.monotonic() - started, 3))
-            self.storage.write_job(job)
+
+            def write_results():
+                for output in outputs:
+                    self.storage.write_rendition(job_id, output.rendition, output.data)
+                self.storage.write_job(job)
+            if not self._when_space(log, write_results):
+                return _Ack.REQUEUE
             self.jobs_done += 1
             log.info("done in %.0f ms: %s.", 1000 * (time.monotonic() - started),
                      ", ".join(f"{name} {r['width']}x{r['height']}"
@@ -286,6 +291,30 @@ class Worker:
             self._current_job = None
             self.notifier.status(self._idle_status())
 
+    def _when_space(self, log, write):
+        """Run ``write``; while storage is full, wait for space instead of
+        spending the job's attempts on it (a full disk is the host's problem,
+        not the job's). False if the worker is asked to stop meanwhile."""
+        waiting = False
+        while True:
+            try:
+                write()
+                if waiting:
+                    log.info("storage has space again; carrying on.")
+                return True
+            except StorageFull as error:
+                if not waiting:
+                    log.error("waiting: %s. Free space below %s; the job resumes by itself.",
+                              error, self.storage.root)
+                    self.notifier.status(f"Waiting for space below {self.storage.root}.")
+                    waiting = True
+            deadline = time.monotonic() + self.config.worker.retry_delay
+            while time.monotonic() < deadline:
+                if self._stop_requested:
+                    return False
+                self._progress()
+                time.sleep(_TICK)
+
     def _fail(self, job, log, reason):
         log.error("failed: %s", reason)
         self.jobs_failed += 1
@@ -299,8 +328,6 @@ class Worker:
 
     def _retry(self, job, log, attempts, error):
         reason = str(error) or type(error).__name__
-        if isinstance(error, StorageFull):
-            reason = f"storage is full ({error})"
         if attempts >= self.config.worker.max_attempts:
             return self._fail(job, log, f"gave up after {attempts} attempts: {reason}")
         log.warning("attempt %d failed (%s); handing it back in %g s.",

@@ -130,6 +130,7 @@ class Pipeline:
         }
         for section, options in sections.items():
             values.setdefault(section, {}).update(options)
+        self.root = values["storage"]["root"]
         self.config_path = os.path.join(self.workdir, "config.ini")
         with open(self.config_path, "w") as handle:
             for section, options in values.items():
