@@ -164,6 +164,9 @@ class Api:
                "original": {"format": info.format, "width": info.width,
                             "height": info.height, "bytes": len(data)}}
         try:
+            # Pending until confirmed: if this process dies before the
+            # confirm, `imgworker sweep` queues the job (or drops the upload).
+            self.storage.mark_pending(job_id)
             self.storage.save_original(job_id, data)
             # State first: a worker may pick the job up before publish returns.
             self.storage.write_job(job)
@@ -179,6 +182,7 @@ class Api:
             log.warning("refused with 503: %s", error)
             raise self._unavailable(f"the job queue is unavailable ({error}); "
                                     "nothing was stored, try again later") from None
+        self.storage.clear_pending(job_id)
         log.info("accepted: %s %dx%d, %d bytes.", info.format, info.width, info.height, len(data))
         status_url = f"/jobs/{job_id}"
         return 202, [("Location", status_url)], {"id": job_id, "status_url": status_url}

@@ -42,6 +42,21 @@ def cmd_worker(args):
     return Worker(config, args.instance, Notifier()).run()
 
 
+def cmd_sweep(args):
+    from . import broker
+    from .sweep import sweep
+    config = _load_config(args)
+    log.setup()
+    try:
+        requeued, unmarked, dropped = sweep(config, args.older_than)
+    except broker.BrokerUnavailable as error:
+        logger.error("Sweep stopped: %s. The next run tries again.", error)
+        return 1
+    logger.info("Sweep done: %d jobs queued again, %d unmarked, %d uploads dropped.",
+                requeued, unmarked, dropped)
+    return 0
+
+
 def cmd_check_config(args):
     if args.template:
         sys.stdout.write(configuration.template())
@@ -124,6 +139,15 @@ def build_parser():
     check.add_argument("--template", action="store_true",
                        help="print the commented default config.ini instead")
     check.set_defaults(func=cmd_check_config)
+
+    sweeper = commands.add_parser("sweep", help="queue uploads a crashed API left behind",
+                                  description="Queue again the uploads whose API process died "
+                                              "before the broker confirmed them, and drop "
+                                              "uploads that were never accepted. Run by "
+                                              "imgworker-sweep.timer.")
+    sweeper.add_argument("--older-than", type=float, metavar="SECONDS",
+                         help="only what is older than this (default: [api] requeue_after)")
+    sweeper.set_defaults(func=cmd_sweep)
 
     submit = commands.add_parser("submit", help="upload an image through the API",
                                  description="Upload FILE to the API and print the job. With "

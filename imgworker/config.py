@@ -133,6 +133,10 @@ SCHEMA = {
                                 "Largest accepted width or height in pixels (422 above)."),
         "formats": Option("jpeg, png, webp, gif", _formats,
                           "Accepted image formats, identified from the bytes (415 otherwise)."),
+        "requeue_after": Option("120", _seconds,
+                                "Seconds after which 'imgworker sweep' queues an upload whose "
+                                "API process died before the broker confirmed it (or drops one "
+                                "that was never accepted)."),
         "retry_after": Option("5", _positive_int,
                               "Seconds sent in Retry-After with a 503 when the broker is unavailable."),
     },

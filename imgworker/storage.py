@@ -4,6 +4,7 @@ crash at any instant leaves either the old file or the new one, never half.
     ROOT/originals/<id>             the upload, as received
     ROOT/renditions/<id>/<name>.<ext>  the outputs; nginx serves this tree
     ROOT/jobs/<id>.json             the job's state, the only datastore
+    ROOT/jobs/<id>.pending          upload stored, broker not yet confirmed
 
 Paths are a pure function of the job id and rendition, so a redelivered job
 overwrites its own files instead of adding new ones.
@@ -87,6 +88,9 @@ class Storage:
     def _job_path(self, job_id):
         return os.path.join(self.root, "jobs", job_id + ".json")
 
+    def _pending_path(self, job_id):
+        return os.path.join(self.root, "jobs", job_id + ".pending")
+
     def prepare(self):
         """Create the directory tree (the API and workers both call this)."""
         for part in ("originals", "renditions", "jobs"):
@@ -122,8 +126,61 @@ class Storage:
 
     def forget_job(self, job_id):
         """Remove an upload the broker never accepted (the client got 503)."""
-        for path in (self._job_path(job_id), self.original_path(job_id)):
+        for path in (self._job_path(job_id), self.original_path(job_id),
+                     self._pending_path(job_id)):
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+
+    # -- uploads the API may have died on -------------------------------------
+    # The API marks an upload pending before storing it and clears the mark
+    # once the broker confirmed the job. The mark needs no fsync of its own:
+    # it sits in jobs/, whose fsync after the state file makes both durable.
+    # A mark lost after the confirm only makes the sweep queue a job twice,
+    # which workers recognise ("already done").
+
+    def mark_pending(self, job_id):
+        os.makedirs(os.path.dirname(self._pending_path(job_id)), exist_ok=True)
+        with open(self._pending_path(job_id), "wb"):
+            pass
+
+    def clear_pending(self, job_id):
+        try:
+            os.unlink(self._pending_path(job_id))
+        except FileNotFoundError:
+            pass
+
+    def _older(self, directory, suffix, seconds):
+        limit = time.time() - seconds
+        try:
+            entries = list(os.scandir(directory))
+        except FileNotFoundError:
+            return []
+        return [entry.name[:len(entry.name) - len(suffix)] for entry in entries
+                if entry.name.endswith(suffix) and is_job_id(entry.name[:len(entry.name) - len(suffix)])
+                and entry.stat().st_mtime < limit]
+
+    def remove_stale_temp_files(self, older_than):
+        """Temp files a crash left mid-write (never visible under a real
+        name, so never served); returns how many were removed."""
+        limit, removed = time.time() - older_than, 0
+        for directory, _dirs, files in os.walk(self.root):
+            for name in files:
+                path = os.path.join(directory, name)
+                if name.startswith(".tmp-") and os.stat(path).st_mtime < limit:
+                    os.unlink(path)
+                    removed += 1
+        return removed
+
+    def pending_jobs(self, older_than):
+        """Ids marked pending for more than ``older_than`` seconds."""
+        return self._older(os.path.join(self.root, "jobs"), ".pending", older_than)
+
+    def orphan_originals(self, older_than):
+        """Originals older than ``older_than`` seconds that have no job state:
+        the API died before the upload was accepted, so nobody was promised
+        anything."""
+        return [job_id for job_id in self._older(os.path.join(self.root, "originals"), "",
+                                                 older_than)
+                if not os.path.exists(self._job_path(job_id))]

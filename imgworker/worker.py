@@ -233,6 +233,8 @@ class Worker:
             log.warning("dropped: no such job in %s (its upload was refused).",
                         self.storage.root)
             return _Ack.ACK
+        # The message exists, so the sweep need not queue this job again.
+        self.storage.clear_pending(job_id)
         if job["state"] in ("done", "failed"):
             # Finished before, but the ack was lost (crash, broker restart).
             log.info("already %s; acknowledging the redelivery.", job["state"])

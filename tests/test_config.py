@@ -105,7 +105,7 @@ def test_check_config_accepts_a_good_file_given_with_the_flag(tmp_path):
 
 
 def test_every_command_explains_itself_with_help():
-    for command in ("api", "worker", "check-config", "submit"):
+    for command in ("api", "worker", "check-config", "submit", "sweep"):
         result = run_cli(command, "--help")
         assert result.returncode == 0
         assert "usage: imgworker" in result.stdout

@@ -8,8 +8,13 @@ the rendition files -- and four counters come out:
   `failed` state;
 - duplicated: processed more than once (attempts > 1): allowed, but counted;
 - corrupt: a rendition that does not decode, or has the wrong size;
-- unexpected: a rendition nobody asked for (an unknown name, or a job the
-  API never accepted).
+- unexpected: a rendition nobody asked for (an unknown name, or a job no
+  upload ever created).
+
+Besides these, ``unanswered``: jobs processed whose client got no answer
+(the API died after the broker's confirm, before its 202 reached the
+client). Their upload really happened, so they are not unexpected; a client
+that retries makes a second job (an idempotency key would dedupe them).
 """
 
 import io
@@ -38,6 +43,7 @@ class Counters:
     duplicated: int = 0
     corrupt: int = 0
     unexpected: int = 0
+    unanswered: int = 0
     notes: list = field(default_factory=list)
 
 
@@ -131,9 +137,11 @@ class Ledger:
         for job_id in os.listdir(renditions) if os.path.isdir(renditions) else ():
             for name in os.listdir(os.path.join(renditions, job_id)):
                 stem = name.rsplit(".", 1)[0]
-                if job_id not in accepted or stem not in wanted:
+                if stem not in wanted or self.pipeline.read_job(job_id) is None:
                     c.unexpected += 1
                     c.notes.append(f"unexpected {job_id}/{name}")
+            if job_id not in accepted and self.pipeline.read_job(job_id) is not None:
+                c.unanswered += 1
         RESULTS.append(c)
         return c
 
@@ -146,9 +154,9 @@ class Ledger:
 
 def table(results):
     header = ("scenario", "accepted", "done", "failed", "lost", "duplicated", "corrupt",
-              "unexpected", "refused")
+              "unexpected", "unanswered", "refused")
     rows = [header] + [(c.scenario, c.accepted, c.done, c.failed, c.lost, c.duplicated,
-                        c.corrupt, c.unexpected,
+                        c.corrupt, c.unexpected, c.unanswered,
                         " ".join(f"{k}x{v}" for k, v in sorted(c.refused.items(), key=str)) or "-")
                        for c in results]
     widths = [max(len(str(row[i])) for row in rows) for i in range(len(header))]

@@ -11,7 +11,7 @@ import requests
 from PIL import Image
 
 from tests import samples
-from tests.integration.conftest import REPO
+from tests.harness import REPO
 
 
 def test_an_upload_gets_202_and_its_renditions_appear_upright_sized_and_without_exif(pipeline):

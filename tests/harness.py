@@ -1,4 +1,4 @@
-"""Fixtures that run the real thing: a real RabbitMQ, and the api and workers
+"""The test harness, which runs the real thing: a real RabbitMQ, and the api and workers
 as separate processes started the way systemd starts them (a config file in
 IMGWORKER_CONFIG, a NOTIFY_SOCKET the test binds and reads).
 
@@ -22,7 +22,7 @@ import requests
 
 from imgworker import config
 
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AMQP_URL = os.environ.get("IMGWORKER_TEST_AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
 
 
@@ -97,6 +97,26 @@ class Service:
 
     def signal(self, signum):
         self.process.send_signal(signum)
+
+    def kill_tree(self):
+        """SIGKILL the process and every descendant at once (a gunicorn
+        arbiter and its workers), as a crash or the OOM killer would."""
+        pids, pending = [], [self.process.pid]
+        while pending:
+            pid = pending.pop()
+            pids.append(pid)
+            try:
+                for task in os.listdir(f"/proc/{pid}/task"):
+                    with open(f"/proc/{pid}/task/{task}/children") as handle:
+                        pending += [int(child) for child in handle.read().split()]
+            except FileNotFoundError:
+                pass
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.process.wait()
 
     def stop(self, timeout=30):
         if self.process.poll() is None:

@@ -1,0 +1,83 @@
+"""The API dies mid-upload (kill -9, OOM): every 202 still ends in
+renditions, and `imgworker sweep` leaves no upload lingering."""
+
+import os
+import subprocess
+import sys
+import threading
+import time
+
+from imgworker import broker
+from imgworker.storage import Storage, new_job_id
+from tests import samples
+from tests.faults.ledger import Ledger
+from tests.harness import REPO
+
+
+def sweep(pipeline, older_than=0):
+    result = subprocess.run([sys.executable, "-m", "imgworker", "--config", pipeline.config_path,
+                             "sweep", "--older-than", str(older_than)], cwd=REPO,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return result.stderr
+
+
+def age(path, seconds):
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_the_sweep_queues_an_upload_the_api_died_on_and_drops_one_never_accepted(pipeline):
+    storage = Storage(pipeline.root)
+    # Given what an API killed between fsync and the broker's confirm leaves:
+    stranded = new_job_id()
+    storage.mark_pending(stranded)
+    storage.save_original(stranded, samples.jpeg(640, 480))
+    storage.write_job({"id": stranded, "state": "queued", "attempts": 0,
+                       "original": {"format": "jpeg", "width": 640, "height": 480, "bytes": 1}})
+    # ...and what one killed before it wrote the job's state leaves
+    never_accepted = new_job_id()
+    storage.save_original(never_accepted, samples.jpeg(64, 64))
+    for path in (os.path.join(pipeline.root, "jobs", stranded + ".pending"),
+                 storage.original_path(never_accepted)):
+        age(path, 300)
+    pipeline.start_api()
+    pipeline.start_worker()
+    # When the sweep runs (it does not touch what is younger than requeue_after)
+    assert "0 jobs queued again" in sweep(pipeline, older_than=3600)
+    output = sweep(pipeline)
+    # Then the stranded job is queued and finished, the other upload is gone
+    assert "1 jobs queued again, 0 unmarked, 1 uploads dropped" in output
+    assert pipeline.wait_job(stranded)["state"] == "done"
+    assert pipeline.stored_originals() == [stranded]
+    assert pipeline.stored_jobs() == [stranded + ".json"]   # no .pending left
+
+
+def test_kill_9_of_the_api_during_uploads_loses_nothing_it_accepted(make_pipeline):
+    pipeline = make_pipeline(api={"workers": "2"})
+    api = pipeline.start_api()
+    pipeline.start_worker(1)
+    pipeline.start_worker(2)
+    ledger = Ledger(pipeline, "6. kill -9 the API x3")
+    stop = threading.Event()
+    loads = [ledger.run_load(count=10_000, per_second=25, stop=stop) for _ in range(4)]
+    for _ in range(3):
+        time.sleep(3)
+        api.kill_tree()
+        api = pipeline.start_api()
+    time.sleep(3)
+    stop.set()
+    for load in loads:
+        load.join()
+    sweep(pipeline)
+    counters = ledger.check()
+    print(counters.notes[:10])
+    assert counters.accepted > 500
+    assert (counters.lost, counters.corrupt, counters.unexpected) == (0, 0, 0)
+    # a job done without a 202 needs a request that got no answer
+    assert counters.unanswered <= counters.refused.get("no answer", 0)
+    # and nothing lingers: every original has its state, no upload is pending
+    stored = set(pipeline.stored_originals())
+    assert stored == {name[:-5] for name in pipeline.stored_jobs() if name.endswith(".json")}
+    assert not [name for name in pipeline.stored_jobs() if name.endswith(".pending")]
+    assert set(ledger.accepted) <= stored
