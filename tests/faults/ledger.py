@@ -1,5 +1,9 @@
 """Jepsen-style bookkeeping for the fault scenarios.
 
+Standard library and Pillow only: tests/system copies it into its booted
+containers and runs it there (``python3 -m tests.faults.ledger load|check``)
+for the scenarios that need a real systemd.
+
 Every upload is written down with what the API answered. Once a scenario has
 settled, the ledger is checked against what a user can see -- the job status,
 the rendition files -- and four counters come out:
@@ -17,13 +21,17 @@ client). Their upload really happened, so they are not unexpected; a client
 that retries makes a second job (an idempotency key would dedupe them).
 """
 
+import argparse
 import io
+import json
 import os
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
+import urllib.error
+import urllib.request
+from dataclasses import asdict, dataclass, field
 
-import requests
 from PIL import Image
 
 from tests import samples
@@ -48,29 +56,48 @@ class Counters:
 
 
 class Ledger:
-    def __init__(self, pipeline, scenario):
-        self.pipeline = pipeline
+    def __init__(self, scenario, base_url, root, rendition_names):
+        self.base_url = base_url
+        self.root = root
+        self.rendition_names = set(rendition_names)
         self.counters = Counters(scenario)
         self.accepted = []            # job ids that got 202
         self.responses = []           # (monotonic start, seconds, status)
         self._lock = threading.Lock()
         self.photo = samples.jpeg(640, 480, quality=85)
 
+    @classmethod
+    def for_pipeline(cls, pipeline, scenario):
+        return cls(scenario, pipeline.base_url, pipeline.root,
+                   [r.name for r in pipeline.renditions])
+
     def upload(self):
         started = time.monotonic()
+        request = urllib.request.Request(self.base_url + "/upload", data=self.photo,
+                                         headers={"Content-Type": "image/jpeg"})
+        job_id = None
         try:
-            response = requests.post(self.pipeline.base_url + "/upload", data=self.photo,
-                                     headers={"Content-Type": "image/jpeg"}, timeout=30)
-            status = response.status_code
-        except requests.RequestException:
-            response, status = None, "no answer"
+            with urllib.request.urlopen(request, timeout=30) as response:
+                status = response.status
+                job_id = json.load(response)["id"]
+        except urllib.error.HTTPError as error:
+            status = error.code
+        except (OSError, ValueError):   # refused, reset, timed out, cut short
+            status = "no answer"
         with self._lock:
             self.responses.append((started, time.monotonic() - started, status))
             if status == 202:
-                self.accepted.append(response.json()["id"])
+                self.accepted.append(job_id)
             else:
                 self.counters.refused[status] = self.counters.refused.get(status, 0) + 1
         return status
+
+    def read_job(self, job_id):
+        try:
+            with open(os.path.join(self.root, "jobs", job_id + ".json")) as handle:
+                return json.load(handle)
+        except (FileNotFoundError, ValueError):
+            return None
 
     def run_load(self, count, per_second, stop=None):
         """Upload ``count`` photos at about ``per_second`` from a thread;
@@ -93,7 +120,7 @@ class Ledger:
         pending = list(self.accepted)
         while pending and time.monotonic() < deadline:
             pending = [job_id for job_id in pending
-                       if (self.pipeline.read_job(job_id) or {}).get("state") not in ("done", "failed")]
+                       if (self.read_job(job_id) or {}).get("state") not in ("done", "failed")]
             if pending:
                 time.sleep(0.2)
         return pending
@@ -103,9 +130,9 @@ class Ledger:
         self.settle(settle_timeout)
         c = self.counters
         c.accepted = len(self.accepted)
-        wanted = {r.name: r for r in self.pipeline.renditions}
+        wanted = self.rendition_names
         for job_id in self.accepted:
-            job = self.pipeline.read_job(job_id) or {}
+            job = self.read_job(job_id) or {}
             state = job.get("state")
             if job.get("attempts", 0) > 1:
                 c.duplicated += 1
@@ -118,7 +145,7 @@ class Ledger:
                 continue
             c.done += 1
             for name, rendition in job["renditions"].items():
-                path = os.path.join(self.pipeline.root, rendition["url"].lstrip("/"))
+                path = os.path.join(self.root, rendition["url"].lstrip("/"))
                 try:
                     with open(path, "rb") as handle:
                         image = Image.open(io.BytesIO(handle.read()))
@@ -132,15 +159,15 @@ class Ledger:
             if missing:
                 c.lost += 1
                 c.notes.append(f"lost {job_id}: no {sorted(missing)}")
-        renditions = os.path.join(self.pipeline.root, "renditions")
+        renditions = os.path.join(self.root, "renditions")
         accepted = set(self.accepted)
         for job_id in os.listdir(renditions) if os.path.isdir(renditions) else ():
             for name in os.listdir(os.path.join(renditions, job_id)):
                 stem = name.rsplit(".", 1)[0]
-                if stem not in wanted or self.pipeline.read_job(job_id) is None:
+                if stem not in wanted or self.read_job(job_id) is None:
                     c.unexpected += 1
                     c.notes.append(f"unexpected {job_id}/{name}")
-            if job_id not in accepted and self.pipeline.read_job(job_id) is not None:
+            if job_id not in accepted and self.read_job(job_id) is not None:
                 c.unanswered += 1
         RESULTS.append(c)
         return c
@@ -163,3 +190,42 @@ def table(results):
     lines = ["| " + " | ".join(str(v).ljust(w) for v, w in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
     return "\n".join(lines)
+
+
+def main(argv=None):
+    """In a container: ``load`` uploads and saves the ledger; ``check``
+    settles it and prints the counters as JSON."""
+    parser = argparse.ArgumentParser(prog="python3 -m tests.faults.ledger")
+    parser.add_argument("command", choices=("load", "check"))
+    parser.add_argument("--state", required=True, help="the ledger's JSON file")
+    parser.add_argument("--scenario", default="")
+    parser.add_argument("--base-url", default="http://127.0.0.1")
+    parser.add_argument("--root", default="/var/lib/imgworker")
+    parser.add_argument("--renditions", default="large,medium,thumb")
+    parser.add_argument("--count", type=int, default=100)
+    parser.add_argument("--rate", type=float, default=10.0, help="uploads per second")
+    parser.add_argument("--settle", type=float, default=120.0)
+    args = parser.parse_args(argv)
+    ledger = Ledger(args.scenario, args.base_url, args.root, args.renditions.split(","))
+    if args.command == "load":
+        ledger.run_load(args.count, args.rate).join()
+        with open(args.state + ".new", "w") as handle:
+            json.dump({"accepted": ledger.accepted, "responses": ledger.responses,
+                       "refused": {str(k): v for k, v in ledger.counters.refused.items()}},
+                      handle)
+        os.rename(args.state + ".new", args.state)
+        return 0
+    with open(args.state) as handle:
+        state = json.load(handle)
+    ledger.accepted = state["accepted"]
+    ledger.responses = [tuple(r) for r in state["responses"]]
+    ledger.counters.refused = state["refused"]
+    counters = ledger.check(args.settle)
+    json.dump({**asdict(counters), "notes": counters.notes[:20],
+               "slowest_refusal": round(ledger.slowest_refusal(), 3),
+               "table": table([counters])}, sys.stdout)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -58,7 +58,7 @@ def test_kill_9_of_the_api_during_uploads_loses_nothing_it_accepted(make_pipelin
     api = pipeline.start_api()
     pipeline.start_worker(1)
     pipeline.start_worker(2)
-    ledger = Ledger(pipeline, "6. kill -9 the API x3")
+    ledger = Ledger.for_pipeline(pipeline, "6. kill -9 the API x3")
     stop = threading.Event()
     loads = [ledger.run_load(count=10_000, per_second=25, stop=stop) for _ in range(4)]
     for _ in range(3):

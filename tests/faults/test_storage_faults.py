@@ -44,7 +44,7 @@ def test_a_full_disk_refuses_uploads_with_507_pauses_workers_and_resumes_when_sp
         make_pipeline, small_disk):
     pipeline = make_pipeline(storage={"root": small_disk})
     pipeline.start_api()
-    ledger = Ledger(pipeline, "10. storage root full")
+    ledger = Ledger.for_pipeline(pipeline, "10. storage root full")
     # Given jobs accepted while there was space, and no worker yet
     for _ in range(5):
         assert ledger.upload() == 202
