@@ -63,6 +63,8 @@ class Ledger:
         self.counters = Counters(scenario)
         self.accepted = []            # job ids that got 202
         self.responses = []           # (monotonic start, seconds, status)
+        # Jobs already on disk belong to an earlier scenario on the same root.
+        self.earlier = set(self._rendition_dirs())
         self._lock = threading.Lock()
         self.photo = samples.jpeg(640, 480, quality=85)
 
@@ -91,6 +93,10 @@ class Ledger:
             else:
                 self.counters.refused[status] = self.counters.refused.get(status, 0) + 1
         return status
+
+    def _rendition_dirs(self):
+        renditions = os.path.join(self.root, "renditions")
+        return os.listdir(renditions) if os.path.isdir(renditions) else []
 
     def read_job(self, job_id):
         try:
@@ -161,7 +167,7 @@ class Ledger:
                 c.notes.append(f"lost {job_id}: no {sorted(missing)}")
         renditions = os.path.join(self.root, "renditions")
         accepted = set(self.accepted)
-        for job_id in os.listdir(renditions) if os.path.isdir(renditions) else ():
+        for job_id in set(self._rendition_dirs()) - self.earlier:
             for name in os.listdir(os.path.join(renditions, job_id)):
                 stem = name.rsplit(".", 1)[0]
                 if stem not in wanted or self.read_job(job_id) is None:
@@ -211,6 +217,7 @@ def main(argv=None):
         ledger.run_load(args.count, args.rate).join()
         with open(args.state + ".new", "w") as handle:
             json.dump({"accepted": ledger.accepted, "responses": ledger.responses,
+                       "earlier": sorted(ledger.earlier),
                        "refused": {str(k): v for k, v in ledger.counters.refused.items()}},
                       handle)
         os.rename(args.state + ".new", args.state)
@@ -220,6 +227,7 @@ def main(argv=None):
     ledger.accepted = state["accepted"]
     ledger.responses = [tuple(r) for r in state["responses"]]
     ledger.counters.refused = state["refused"]
+    ledger.earlier = set(state["earlier"])
     counters = ledger.check(args.settle)
     json.dump({**asdict(counters), "notes": counters.notes[:20],
                "slowest_refusal": round(ledger.slowest_refusal(), 3),
