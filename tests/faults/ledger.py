@@ -169,6 +169,11 @@ class Ledger:
         accepted = set(self.accepted)
         for job_id in set(self._rendition_dirs()) - self.earlier:
             for name in os.listdir(os.path.join(renditions, job_id)):
+                if name.startswith(".tmp-"):
+                    # a write a kill cut short: never visible under a real
+                    # name, never served; `imgworker sweep` removes it
+                    c.notes.append(f"temp file left {job_id}/{name}")
+                    continue
                 stem = name.rsplit(".", 1)[0]
                 if stem not in wanted or self.read_job(job_id) is None:
                     c.unexpected += 1
