@@ -22,6 +22,7 @@ that retries makes a second job (an idempotency key would dedupe them).
 """
 
 import argparse
+import http.client
 import io
 import json
 import os
@@ -84,7 +85,9 @@ class Ledger:
                 job_id = json.load(response)["id"]
         except urllib.error.HTTPError as error:
             status = error.code
-        except (OSError, ValueError):   # refused, reset, timed out, cut short
+        except (OSError, ValueError, http.client.HTTPException):
+            # refused, reset, timed out, or cut short mid-body: the client
+            # cannot know whether (or as which id) its upload was accepted
             status = "no answer"
         with self._lock:
             self.responses.append((started, time.monotonic() - started, status))
