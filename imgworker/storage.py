@@ -167,10 +167,16 @@ class Storage:
         limit, removed = time.time() - older_than, 0
         for directory, _dirs, files in os.walk(self.root):
             for name in files:
+                if not name.startswith(".tmp-"):
+                    continue
                 path = os.path.join(directory, name)
-                if name.startswith(".tmp-") and os.stat(path).st_mtime < limit:
-                    os.unlink(path)
-                    removed += 1
+                # Live writers rename their temp files away at any moment.
+                try:
+                    if os.stat(path).st_mtime < limit:
+                        os.unlink(path)
+                        removed += 1
+                except FileNotFoundError:
+                    pass
         return removed
 
     def pending_jobs(self, older_than):

@@ -81,3 +81,24 @@ def test_kill_9_of_the_api_during_uploads_loses_nothing_it_accepted(make_pipelin
     assert stored == {name[:-5] for name in pipeline.stored_jobs() if name.endswith(".json")}
     assert not [name for name in pipeline.stored_jobs() if name.endswith(".pending")]
     assert set(ledger.accepted) <= stored
+
+
+def test_the_sweep_removes_stale_temp_files_and_tolerates_ones_that_vanish(pipeline, monkeypatch):
+    storage = Storage(pipeline.root)
+    storage.prepare()
+    stale = os.path.join(pipeline.root, "renditions", ".tmp-stale")
+    vanishing = os.path.join(pipeline.root, "jobs", ".tmp-vanishing")
+    for path in (stale, vanishing):
+        with open(path, "wb") as handle:
+            handle.write(b"half")
+        age(path, 600)
+    # a live writer renames its temp file between the listing and the stat
+    real_stat = os.stat
+
+    def racing_stat(path, *args, **kwargs):
+        if path == vanishing:
+            os.unlink(vanishing)
+        return real_stat(path, *args, **kwargs)
+    monkeypatch.setattr(os, "stat", racing_stat)
+    assert storage.remove_stale_temp_files(older_than=60) == 1
+    assert not os.path.exists(stale)
