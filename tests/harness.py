@@ -129,6 +129,81 @@ class Service:
         return self.process.returncode
 
 
+class Nginx:
+    """nginx running the shipped site, nginx/imgworker.conf, in front of a
+    pipeline's API. Only its addresses and the storage path are changed, so
+    the limits and timeouts under test are the ones the package installs."""
+
+    def __init__(self, pipeline, worker_processes=1):
+        self.dir = tempfile.mkdtemp(prefix="iw-nginx-")
+        self.port = free_port()
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        with open(os.path.join(REPO, "nginx", "imgworker.conf")) as handle:
+            site = handle.read()
+        for shipped, here in {
+                "listen 80 default_server;": f"listen 127.0.0.1:{self.port};",
+                "listen [::]:80 default_server;": "",
+                "server 127.0.0.1:8000 ": f"server 127.0.0.1:{pipeline.port} ",
+                "alias /var/lib/imgworker/renditions/;":
+                    f"alias {os.path.join(pipeline.root, 'renditions')}/;"}.items():
+            assert shipped in site, f"nginx/imgworker.conf no longer says {shipped!r}"
+            site = site.replace(shipped, here)
+        with open(os.path.join(self.dir, "site.conf"), "w") as handle:
+            handle.write(site)
+        self.access_log = os.path.join(self.dir, "access.log")
+        # As root, nginx's workers would run as nobody, who cannot read a
+        # test's private storage root.
+        user = "user root root;" if os.geteuid() == 0 else ""
+        with open(os.path.join(self.dir, "nginx.conf"), "w") as handle:
+            handle.write(f"""
+daemon off; {user}
+worker_processes {worker_processes};
+pid {self.dir}/nginx.pid;
+error_log {self.dir}/error.log;
+events {{ worker_connections 4096; }}
+http {{
+    include /etc/nginx/mime.types;
+    access_log {self.access_log};
+    client_body_temp_path {self.dir}/body;
+    proxy_temp_path {self.dir}/proxy;
+    include {self.dir}/site.conf;
+}}
+""")
+        self.process = subprocess.Popen(
+            ["nginx", "-p", self.dir, "-e", os.path.join(self.dir, "error.log"),
+             "-c", os.path.join(self.dir, "nginx.conf")], stdout=subprocess.DEVNULL)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                break
+            except OSError:
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError("nginx did not start:\n" + self.error_log()) from None
+                time.sleep(0.05)
+
+    def error_log(self):
+        with open(os.path.join(self.dir, "error.log"), errors="replace") as handle:
+            return handle.read()
+
+    def statuses(self, at_least=0, timeout=10):
+        """The status of every request in the access log, in order. nginx
+        logs a request when it is finished with the connection (after a
+        lingering close, say): wait for ``at_least`` lines."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with open(self.access_log) as handle:
+                found = [int(line.split('"')[2].split()[0]) for line in handle]
+            if len(found) >= at_least or time.monotonic() > deadline:
+                return found
+            time.sleep(0.1)
+
+    def stop(self):
+        if self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(10)
+
+
 class Pipeline:
     """A config file, a storage root and queues of its own, and helpers to
     start services and look at what a user would look at."""
@@ -158,6 +233,7 @@ class Pipeline:
                 handle.writelines(f"{key} = {value}\n" for key, value in options.items())
         self.amqp_url = amqp_url
         self.services = []
+        self.nginx = None
 
     def start(self, name, *args, env=None, ready=True):
         service = Service(name, args, {"IMGWORKER_CONFIG": self.config_path, **(env or {})},
@@ -169,6 +245,10 @@ class Pipeline:
 
     def start_api(self, **kwargs):
         return self.start("api", "api", **kwargs)
+
+    def start_nginx(self, **kwargs):
+        self.nginx = Nginx(self, **kwargs)
+        return self.nginx
 
     def start_worker(self, instance=1, **kwargs):
         return self.start(f"worker{instance}-{len(self.services)}", "worker",
@@ -242,6 +322,8 @@ class Pipeline:
         return found
 
     def close(self):
+        if self.nginx is not None:
+            self.nginx.stop()
         for service in self.services:
             if service.process.poll() is None:
                 service.process.kill()
