@@ -1,9 +1,8 @@
-"""The test harness, which runs the real thing: a real RabbitMQ, and the api and workers
+"""The harness, which runs the real thing: a real RabbitMQ, the api and workers
 as separate processes started the way systemd starts them (a config file in
-IMGWORKER_CONFIG, a NOTIFY_SOCKET the test binds and reads).
-
-Without a broker these tests skip on a laptop, and FAIL under CI=true: a CI
-that forgot to start RabbitMQ must not go green.
+IMGWORKER_CONFIG, a NOTIFY_SOCKET the harness binds and reads), and nginx with
+the shipped site. The tests (through tests/conftest.py's fixtures) and the
+benchmarks (bench/) both drive the pipeline through it.
 """
 
 import json
@@ -17,25 +16,12 @@ import time
 import uuid
 
 import pika
-import pytest
 import requests
 
 from imgworker import config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AMQP_URL = os.environ.get("IMGWORKER_TEST_AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
-
-
-@pytest.fixture(scope="session")
-def amqp_url():
-    try:
-        pika.BlockingConnection(pika.URLParameters(AMQP_URL)).close()
-    except Exception as error:  # noqa: BLE001 - any failure means "no broker"
-        message = f"RabbitMQ is not reachable at {AMQP_URL}: {error!r}"
-        if os.environ.get("CI"):
-            pytest.fail(message + " (CI must start it: see .ci/run)")
-        pytest.skip(message)
-    return AMQP_URL
 
 
 def free_port():
@@ -336,24 +322,3 @@ class Pipeline:
             connection.close()
         except pika.exceptions.AMQPError:
             pass
-
-
-@pytest.fixture
-def make_pipeline(amqp_url, tmp_path):
-    """Pipelines with their own config, storage and queues; every process
-    they started is killed and their queues deleted afterwards."""
-    made = []
-
-    def make(**sections):
-        workdir = tmp_path / f"pipeline{len(made)}"
-        workdir.mkdir()
-        made.append(Pipeline(amqp_url, workdir, **sections))
-        return made[-1]
-    yield make
-    for pipeline in made:
-        pipeline.close()
-
-
-@pytest.fixture
-def pipeline(make_pipeline):
-    return make_pipeline()
