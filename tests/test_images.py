@@ -171,15 +171,20 @@ def test_a_truncated_jpeg_is_a_bad_image_with_a_readable_reason():
 
 def test_a_jpeg_is_decoded_at_reduced_scale_and_each_size_derives_from_a_larger_one(monkeypatch):
     data = samples.jpeg(4000, 3000)
-    sources = []
-    original_resize = Image.Image.resize
+    steps = []
+    original_resize, original_reduce = Image.Image.resize, Image.Image.reduce
 
-    def spy(self, size, *args, **kwargs):
-        sources.append((self.size, size))
+    def resize(self, size, *args, **kwargs):
+        steps.append(("resize", self.size, size))
         return original_resize(self, size, *args, **kwargs)
-    monkeypatch.setattr(Image.Image, "resize", spy)
+
+    def reduce(self, factor, *args, **kwargs):
+        steps.append(("reduce", self.size, factor))
+        return original_reduce(self, factor, *args, **kwargs)
+    monkeypatch.setattr(Image.Image, "resize", resize)
+    monkeypatch.setattr(Image.Image, "reduce", reduce)
     images.render(data, DEFAULT_RENDITIONS, LIMITS)
     # draft() decodes at 1/2 scale (2000x1500 >= 1600x1200), not 4000x3000;
-    # medium comes from large, thumb from medium.
-    assert sources == [((2000, 1500), (1600, 1200)), ((1600, 1200), (800, 600)),
-                       ((800, 600), (267, 200))]
+    # medium comes from large by an exact 2x box average, thumb from medium.
+    assert steps == [("resize", (2000, 1500), (1600, 1200)), ("reduce", (1600, 1200), 2),
+                     ("resize", (800, 600), (267, 200))]
