@@ -124,6 +124,10 @@ SCHEMA = {
                          "Address the API listens on; nginx proxies to it."),
         "workers": Option("2", _positive_int,
                           "Gunicorn worker processes of the API."),
+        "threads": Option("16", _positive_int,
+                          "Uploads each API process handles at once. Each thread has its "
+                          "own broker channel, so the fsyncs and confirms of concurrent "
+                          "uploads overlap instead of queueing."),
         "max_upload_bytes": Option("26214400", _positive_int,
                                    "Largest accepted upload body in bytes (413 above); nginx's "
                                    "client_max_body_size must match."),

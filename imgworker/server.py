@@ -37,9 +37,11 @@ class ApiServer(BaseApplication):
         settings = {
             "bind": [self.config.api.listen],
             "workers": self.config.api.workers,
-            # Sync workers: one request at a time per process, matching one
-            # blocking pika connection per process.
-            "worker_class": "sync",
+            # Threads: an upload mostly waits (fsync, the broker's confirm),
+            # so one process overlaps many; each thread has its own broker
+            # connection (Api.publisher). Measured in bench/results.
+            "worker_class": "gthread",
+            "threads": self.config.api.threads,
             "proc_name": "imgworker-api",
             "logger_class": _JoinedLogger,
             "when_ready": self._when_ready,
