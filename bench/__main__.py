@@ -1,0 +1,89 @@
+"""python3 -m bench [--smoke] [--out DIR] [--only engine,ingest,endtoend,memory]
+
+Runs the benchmarks (see bench/__init__.py) and writes DIR/results.md and
+DIR/chart.png (default DIR: bench/results). Needs RabbitMQ on localhost (or
+IMGWORKER_TEST_AMQP_URL), nginx and wrk; script/bench installs and starts
+them, and pyvips for the engine baseline.
+"""
+
+import argparse
+import os
+import sys
+import tempfile
+
+from imgworker import config
+from tests.harness import AMQP_URL
+
+from . import endtoend, engine, ingest, inputs, memory, report
+
+PARTS = ("engine", "ingest", "endtoend", "memory")
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python3 -m bench", description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true",
+                        help="tiny inputs, one repetition: checks the code runs, measures nothing")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    parser.add_argument("--only", default=",".join(PARTS))
+    args = parser.parse_args(argv)
+    parts = args.only.split(",")
+    smoke = args.smoke
+    reps = 1 if smoke else 7
+    os.makedirs(args.out, exist_ok=True)
+    results = {"smoke": smoke, "machine": report.machine()}
+    log = print
+    with tempfile.TemporaryDirectory(prefix="imgworker-bench-", dir="/var/tmp") as workdir:
+        if "engine" in parts:
+            log("renditions engine: the standard job, one core")
+            data = inputs.standard_job(smoke)
+            results["engine"] = engine.run(data, reps, warmup=0 if smoke else 2, log=log)
+            path = os.path.join(workdir, "standard.jpg")
+            with open(path, "wb") as handle:
+                handle.write(data)
+            results["allocator"] = engine.allocator(path, 1 if smoke else 5, log=log)
+
+        photo = inputs.upload(smoke)
+        if "ingest" in parts:
+            log(f"ingest: {len(photo) // 1000} KB uploads through nginx, wrk on the same cores")
+            results["ingest"] = ingest.run(workdir, AMQP_URL, photo,
+                                           connections=4 if smoke else 32,
+                                           seconds=1 if smoke else 5,
+                                           repetitions=1 if smoke else 3, log=log)
+
+        if "endtoend" in parts:
+            renditions = config.load(os.devnull).renditions
+            rate, sample = endtoend.engine_rate(photo, renditions, reps)
+            results["engine_2mp"] = (rate, sample)
+            log(f"end to end: one process renders the 2 MP job at {rate:.1f}/s ({sample})")
+            cores = os.cpu_count() or 1
+            results["drain"] = {}
+            for workers in range(1, cores + 1):
+                drained = endtoend.drain(workdir, AMQP_URL, photo, 4 if smoke else 150 * workers,
+                                         workers)
+                results["drain"][workers] = drained
+                log(f"  {workers} worker(s) drain {drained:.1f} jobs/s "
+                    f"({drained / (workers * rate):.0%} of {workers} x the engine rate)")
+            results["latency"] = endtoend.latency(workdir, AMQP_URL, photo, 3 if smoke else 40)
+            log(f"  upload to rendition on an idle system: {results['latency']}")
+
+        if "memory" in parts:
+            log("memory: peak RSS over one job, fresh worker each")
+            limits = config.load(os.devnull).api
+            cap_png, cap_size = inputs.at_pixel_cap(limits.max_pixels, smoke)
+            results["memory"] = {
+                "12 MP JPEG (4000x3000)": memory.peak(workdir, AMQP_URL,
+                                                      inputs.standard_job(smoke), "image/jpeg"),
+                f"PNG at the pixel cap ({cap_size[0]}x{cap_size[1]}, "
+                f"{len(cap_png) // 1_000_000} MB)": memory.peak(workdir, AMQP_URL, cap_png,
+                                                                "image/png"),
+            }
+            for name, (main_mb, renderer_mb) in results["memory"].items():
+                log(f"  {name}: worker {main_mb:.0f} MB, renderer {renderer_mb:.0f} MB")
+
+    markdown = report.write(results, args.out)
+    log(f"wrote {markdown} and {os.path.join(args.out, 'chart.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

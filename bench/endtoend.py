@@ -1,0 +1,92 @@
+"""End to end, through the real pipeline (API, RabbitMQ, workers as the unit
+runs them, with its MALLOC_* environment):
+
+- drain: K jobs queued with no worker running, then N workers start; the
+  rate is K over the time from the first job's start to the last one's
+  finish (from the job files), against N x the engine rate of one process
+  rendering the same job in this run;
+- latency: on an idle system, one 2 MP upload at a time through nginx, from
+  the request to its job state reading `done` on disk.
+"""
+
+import os
+import shutil
+import time
+import uuid
+
+import requests
+
+from imgworker import images
+from tests.harness import Pipeline
+
+from . import engine, stats
+
+WORKER_ENV = engine.MALLOC_TUNING
+
+
+def engine_rate(photo, renditions, repetitions):
+    """Jobs per second of images.render in this process (one core)."""
+    sample = stats.repeat(lambda: images.render(photo, renditions, engine.LIMITS),
+                          repetitions, warmup=2)
+    return 1000 / sample.median, sample
+
+
+def _fresh_pipeline(workdir, amqp_url):
+    run_dir = os.path.join(workdir, f"e2e-{uuid.uuid4().hex[:8]}")
+    os.makedirs(run_dir)
+    return Pipeline(amqp_url, run_dir, api={"workers": "2"}), run_dir
+
+
+def drain(workdir, amqp_url, photo, jobs, workers):
+    """Jobs per second that ``workers`` workers drain from a full queue."""
+    pipeline, run_dir = _fresh_pipeline(workdir, amqp_url)
+    try:
+        pipeline.start_api()
+        ids = [pipeline.upload(data=photo, headers={"Content-Type": "image/jpeg"}).json()["id"]
+               for _ in range(jobs)]
+        for instance in range(1, workers + 1):
+            pipeline.start_worker(instance, env=WORKER_ENV)
+        deadline = time.monotonic() + 60 + jobs * 2
+        while time.monotonic() < deadline:
+            if all((pipeline.read_job(job_id) or {}).get("state") == "done" for job_id in ids):
+                break
+            time.sleep(0.2)
+        else:
+            raise RuntimeError(f"{workers} workers did not drain {jobs} jobs")
+        started = min(pipeline.read_job(job_id)["started_at"] for job_id in ids)
+        finished = max(os.stat(os.path.join(pipeline.root, "jobs", job_id + ".json")).st_mtime
+                       for job_id in ids)
+        return jobs / (finished - started)
+    finally:
+        pipeline.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def latency(workdir, amqp_url, photo, uploads):
+    """Milliseconds from each upload's request to its job reading done."""
+    pipeline, run_dir = _fresh_pipeline(workdir, amqp_url)
+    try:
+        pipeline.start_api()
+        pipeline.start_worker(1, env=WORKER_ENV)
+        nginx = pipeline.start_nginx()
+        times = []
+        for i in range(uploads + 2):                   # two warm-up uploads
+            started = time.perf_counter()
+            job_id = requests.post(nginx.base_url + "/upload", data=photo, timeout=30,
+                                   headers={"Content-Type": "image/jpeg"}).json()["id"]
+            path = os.path.join(pipeline.root, "jobs", job_id + ".json")
+            while True:
+                try:
+                    with open(path) as handle:
+                        if '"state": "done"' in handle.read():
+                            break
+                except FileNotFoundError:
+                    pass
+                time.sleep(0.001)
+            if i >= 2:
+                times.append(1000 * (time.perf_counter() - started))
+            time.sleep(0.2)                            # idle between uploads
+        return stats.Sample(times, "ms")
+    finally:
+        pipeline.close()
+        shutil.rmtree(run_dir, ignore_errors=True)

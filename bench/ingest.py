@@ -1,0 +1,152 @@
+"""Ingest: 495 KB uploads through nginx (the shipped site), each fsynced and
+confirmed by RabbitMQ before its 202, driven by wrk on the same 2 cores.
+
+Designs, measured one after the other in one run:
+- the straightforward design (bench/baseline_api.py: multipart, sync
+  workers, one confirmed publish per request): the baseline;
+- imgworker's API with a multipart upload;
+- imgworker's API with a raw-body upload (Content-Type: image/jpeg): with
+  one thread per process, as shipped, and at lower concurrency;
+- a diagnostic that is not durable: the same with fsync() made a no-op by
+  eatmydata, to show how much of the cost is the disk's.
+After each run the queue must hold at least one message per 202 counted (a
+few more: requests in flight when wrk stops are queued but not counted).
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+
+from tests.harness import REPO, Pipeline
+
+_WRK_SCRIPT = r"""
+local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
+wrk.method = "POST"
+wrk.body = f:read("*a")
+f:close()
+wrk.headers["Content-Type"] = os.getenv("BENCH_CONTENT_TYPE")
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format("RESULT %d %d %d %d %d %d %d %.0f %.0f %.0f %.0f\n",
+    summary.requests, summary.duration, e.connect, e.read, e.write, e.status, e.timeout,
+    latency:percentile(50), latency:percentile(90), latency:percentile(99), latency.max))
+end
+"""
+
+
+@dataclass
+class IngestResult:
+    design: str
+    accepted_per_second: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    max_ms: float
+    accepted: int
+    refused: int
+    queued: int            # messages in the queue afterwards
+
+
+def multipart(data, boundary="imgworker-bench-boundary"):
+    return (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; "
+            f"filename=\"photo.jpg\"\r\nContent-Type: image/jpeg\r\n\r\n").encode() + data + \
+        f"\r\n--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
+
+
+def wrk(url, body_path, content_type, connections, seconds):
+    script = os.path.join(os.path.dirname(body_path), "post.lua")
+    with open(script, "w") as handle:
+        handle.write(_WRK_SCRIPT)
+    out = subprocess.run(
+        ["wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", script, url],
+        env={**os.environ, "BENCH_BODY": body_path, "BENCH_CONTENT_TYPE": content_type},
+        capture_output=True, text=True, check=True).stdout
+    fields = re.search(r"^RESULT (.*)$", out, re.M).group(1).split()
+    requests, duration_us, connect, read, write, status, timeout = map(int, fields[:7])
+    p50, p90, p99, worst = (float(v) / 1000 for v in fields[7:])
+    failed = connect + read + write + status + timeout
+    return requests - failed, failed, duration_us / 1e6, p50, p90, p99, worst
+
+
+def _baseline_server(pipeline):
+    """gunicorn running bench/baseline_api.py where the API would listen."""
+    spec = (f"bench.baseline_api:app({pipeline.root + '/originals'!r}, "
+            f"{pipeline.amqp_url!r}, {pipeline.queue!r})")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{pipeline.port}",
+         "--log-level", "warning", spec], cwd=REPO, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 20
+    import socket
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", pipeline.port), timeout=1).close()
+            return process
+        except OSError:
+            time.sleep(0.1)
+    process.kill()
+    raise RuntimeError("the baseline API did not start")
+
+
+def run(workdir, amqp_url, photo, connections, seconds, repetitions, log=print):
+    """{design: [IngestResult per repetition]}"""
+    body_dir = os.path.join(workdir, "bodies")
+    os.makedirs(body_dir, exist_ok=True)
+    raw_path = os.path.join(body_dir, "photo.jpg")
+    with open(raw_path, "wb") as handle:
+        handle.write(photo)
+    form, form_type = multipart(photo)
+    form_path = os.path.join(body_dir, "form")
+    with open(form_path, "wb") as handle:
+        handle.write(form)
+
+    eatmydata = {"LD_PRELOAD": "libeatmydata.so"}
+    designs = (
+        # label, server, body, content type, [api] options, API environment, connections
+        ("straightforward design (baseline), multipart", "baseline", form_path, form_type,
+         {}, {}, connections),
+        ("imgworker API, multipart", "imgworker", form_path, form_type, {}, {}, connections),
+        ("imgworker API, raw body, 1 thread per process", "imgworker", raw_path, "image/jpeg",
+         {"threads": "1"}, {}, connections),
+        ("imgworker API, raw body (as shipped: 16 threads)", "imgworker", raw_path, "image/jpeg",
+         {}, {}, connections),
+        (f"imgworker API, raw body, {max(1, connections // 8)} connections", "imgworker",
+         raw_path, "image/jpeg", {}, {}, max(1, connections // 8)),
+        ("diagnostic, not durable: raw body with fsync() a no-op (eatmydata)", "imgworker",
+         raw_path, "image/jpeg", {}, eatmydata, connections),
+    )
+    results = {}
+    for design, server, body, content_type, options, env, clients in designs:
+        results[design] = []
+        for repetition in range(repetitions + 1):          # the first is the warm-up
+            run_dir = os.path.join(workdir, f"ingest-{uuid.uuid4().hex[:8]}")
+            os.makedirs(run_dir)
+            pipeline = Pipeline(amqp_url, run_dir, api={"workers": "2", **options})
+            baseline = None
+            try:
+                if server == "baseline":
+                    baseline = _baseline_server(pipeline)
+                else:
+                    pipeline.start_api(env=env)
+                nginx = pipeline.start_nginx(worker_processes=2)
+                accepted, refused, duration, p50, p90, p99, worst = wrk(
+                    nginx.base_url + "/upload", body, content_type, clients, seconds)
+                queued = pipeline.queue_depth()
+            finally:
+                if baseline is not None:
+                    baseline.terminate()
+                    baseline.wait()
+                pipeline.close()
+                shutil.rmtree(run_dir, ignore_errors=True)
+            result = IngestResult(design, accepted / duration, p50, p90, p99, worst,
+                                  accepted, refused, queued)
+            if repetition == 0:
+                continue
+            results[design].append(result)
+            log(f"  {design}: {result.accepted_per_second:.0f} accepted/s, p50 {p50:.1f} ms, "
+                f"p99 {p99:.1f} ms, {refused} refused, {queued}/{accepted} in the queue")
+    return results

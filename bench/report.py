@@ -1,0 +1,203 @@
+"""results.md (tables: each figure beside its baseline, and the ratio) and
+chart.png (drain rate against workers; latency distributions)."""
+
+import os
+import platform
+import statistics
+import subprocess
+
+import PIL
+
+from . import engine as engine_bench
+
+
+def _version(command):
+    try:
+        out = subprocess.run(command, capture_output=True, text=True, timeout=20)
+        return (out.stdout + out.stderr).strip().splitlines()[0]
+    except (OSError, IndexError, subprocess.TimeoutExpired):
+        return "not found"
+
+
+def machine():
+    with open("/proc/cpuinfo") as handle:
+        cpu = next((line.split(":", 1)[1].strip() for line in handle
+                    if line.startswith("model name")), platform.machine())
+    with open("/proc/meminfo") as handle:
+        memory_gb = int(handle.readline().split()[1]) / 1024 / 1024
+    try:
+        with open("/etc/debian_version") as handle:
+            debian = handle.read().strip()
+    except OSError:
+        debian = "not Debian"
+    try:
+        import pyvips
+        vips = f"pyvips {pyvips.__version__}, libvips {pyvips.version(0)}.{pyvips.version(1)}"
+    except Exception:  # noqa: BLE001 - optional
+        vips = "pyvips not installed"
+    return {
+        "CPU": f"{os.cpu_count()} x {cpu}",
+        "memory": f"{memory_gb:.0f} GB",
+        "system": f"Debian {debian}, Linux {platform.release()}",
+        "Python": platform.python_version(),
+        "Pillow": PIL.__version__,
+        "libvips": vips,
+        "nginx": _version(["nginx", "-v"]),
+        "RabbitMQ": _version(["rabbitmqctl", "-q", "version"]),
+        "wrk": _version(["wrk", "-v"]),
+    }
+
+
+def _ratio(value, baseline):
+    return f"{value / baseline:.2f}x" if baseline else "–"
+
+
+def _engine_section(results):
+    rows = results["engine"]
+    naive = next(r for r in rows if r.name.startswith("naive"))
+    vips = next((r for r in rows if r.name.startswith("pyvips")), None)
+    shortfall = engine_bench.quality_verdicts(rows)
+    lines = [
+        "## 1. Renditions engine: the standard job on one core",
+        "",
+        "12 MP JPEG (4000x3000 q90) to 1600, 800 and 200 px JPEG q85, in one process, engines "
+        "one after the other. *PSNR* is each output against a full-size LANCZOS reference; "
+        "*worst loss* is the largest shortfall of any output against naive Pillow's PSNR "
+        f"(allowed: {engine_bench.PSNR_TOLERANCE_DB} dB). pyvips runs with one thread "
+        "(`concurrency_set(1)`) and no operation cache, as Pillow has one core.",
+        "",
+        "| engine | ms per job, median (min–max) | images/s/core | vs naive | vs pyvips "
+        "| PSNR 1600/800/200 (dB) | worst loss (dB) |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        low, high = r.sample.spread
+        psnr = "/".join(f"{value:.1f}" for value in r.psnr.values()) or "–"
+        loss = f"{max(0.0, shortfall[r.name]):.2f}" if r.name in shortfall else "–"
+        lines.append(
+            f"| {r.name} | {r.sample.median:.0f} ({low:.0f}–{high:.0f}) | {r.per_second:.1f} "
+            f"| {_ratio(r.per_second, naive.per_second)} "
+            f"| {_ratio(r.per_second, vips.per_second) if vips else '–'} | {psnr} | {loss} |")
+    allocator = results.get("allocator")
+    if allocator:
+        default, tuned = allocator["glibc defaults"], allocator["unit's MALLOC_*"]
+        lines += ["", "Allocator (imgworker's engine, fresh process each, median of 3): "
+                  f"glibc defaults {default.median:.0f} ms, with the unit's "
+                  f"`MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` {tuned.median:.0f} ms "
+                  f"per job: {_ratio(default.median, tuned.median)}."]
+    return lines
+
+
+def _ingest_section(results):
+    designs = results["ingest"]
+    baseline_name = next(iter(designs))
+    baseline = statistics.median(r.accepted_per_second for r in designs[baseline_name])
+    lines = [
+        "## 2. Ingest through nginx",
+        "",
+        "495 KB uploads, each fsynced and confirmed before its 202; wrk (1 thread, "
+        "32 connections, 5 s per run, 3 runs after a warm-up) on the same 2 cores as nginx, "
+        "the API and RabbitMQ. *queued* is messages in the queue after the run against 202s "
+        "counted.",
+        "",
+        "| design | accepted/s, median (min–max) | p50 ms | p90 ms | p99 ms | vs baseline "
+        "| refused | queued / accepted |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for design, runs in designs.items():
+        rates = [r.accepted_per_second for r in runs]
+        middle = sorted(runs, key=lambda r: r.accepted_per_second)[len(runs) // 2]
+        lines.append(
+            f"| {design} | {statistics.median(rates):.0f} ({min(rates):.0f}–{max(rates):.0f}) "
+            f"| {middle.p50_ms:.1f} | {middle.p90_ms:.1f} | {middle.p99_ms:.1f} "
+            f"| {_ratio(statistics.median(rates), baseline)} | {sum(r.refused for r in runs)} "
+            f"| {sum(r.queued for r in runs)} / {sum(r.accepted for r in runs)} |")
+    return lines
+
+
+def _endtoend_section(results):
+    rate, sample = results["engine_2mp"]
+    lines = [
+        "## 3. End to end",
+        "",
+        f"One process renders the 2 MP job (the default renditions) at {rate:.1f} jobs/s "
+        f"({sample} per job). Drain: 150 jobs per worker queued first, then the workers "
+        "start; the rate is from the first job's start to the last one's finish.",
+        "",
+        "| workers | drained jobs/s | N x engine rate | ratio |",
+        "|---|---|---|---|",
+    ]
+    for workers, drained in results["drain"].items():
+        lines.append(f"| {workers} | {drained:.1f} | {workers * rate:.1f} "
+                     f"| {drained / (workers * rate):.0%} |")
+    latency = results["latency"]
+    lines += ["", f"Upload to rendition, 2 MP, idle system, {len(latency.values)} uploads "
+              f"through nginx: p50 {latency.median:.0f} ms, p90 {latency.percentile(90):.0f} ms, "
+              f"max {max(latency.values):.0f} ms."]
+    return lines
+
+
+def _memory_section(results):
+    lines = ["## 4. Memory", "",
+             "Peak resident set (VmHWM) over one job, a fresh worker for each input.", "",
+             "| input | worker process MB | renderer process MB |", "|---|---|---|"]
+    for name, (main_mb, renderer_mb) in results["memory"].items():
+        lines.append(f"| {name} | {main_mb:.0f} | {renderer_mb:.0f} |")
+    return lines
+
+
+def write(results, out):
+    lines = ["# imgworker benchmarks", ""]
+    if results["smoke"]:
+        lines += ["**Smoke run** (tiny inputs, one repetition): the figures mean nothing.", ""]
+    lines += ["Produced by `script/bench` (`python3 -m bench`). Machine:", ""]
+    lines += [f"- {key}: {value}" for key, value in results["machine"].items()]
+    for key, section in (("engine", _engine_section), ("ingest", _ingest_section),
+                         ("drain", _endtoend_section), ("memory", _memory_section)):
+        if key in results:
+            lines += [""] + section(results)
+    lines += ["", "![drain rate against workers; latency distributions](chart.png)", ""]
+    path = os.path.join(out, "results.md")
+    with open(path, "w") as handle:
+        handle.write("\n".join(lines))
+    chart(results, os.path.join(out, "chart.png"))
+    return path
+
+
+def chart(results, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, (left, right) = pyplot.subplots(1, 2, figsize=(12, 6.5))
+    if "drain" in results:
+        rate = results["engine_2mp"][0]
+        workers = sorted(results["drain"])
+        left.plot(workers, [results["drain"][n] for n in workers], "o-", label="measured drain")
+        left.plot(workers, [n * rate for n in workers], "--", label="N x one-process engine rate")
+        left.set_xticks(workers)
+    left.set_ylim(bottom=0)
+    left.set_xlabel("workers")
+    left.set_ylabel("2 MP jobs per second")
+    left.set_title("Throughput against workers")
+    if left.lines:
+        left.legend(loc="upper left")
+    if "latency" in results:
+        values = sorted(results["latency"].values)
+        right.plot(values, [(i + 1) / len(values) for i in range(len(values))],
+                   label="upload to rendition (2 MP)")
+    if "ingest" in results:
+        for design, runs in results["ingest"].items():
+            middle = sorted(runs, key=lambda r: r.accepted_per_second)[len(runs) // 2]
+            right.plot([middle.p50_ms, middle.p90_ms, middle.p99_ms], [0.5, 0.9, 0.99], "o:",
+                       label=f"ingest: {design}")
+    if right.lines:
+        right.set_xscale("log")
+        right.set_ylim(0, 1.02)
+        right.legend(loc="upper center", bbox_to_anchor=(0.5, -0.15), fontsize="small")
+    right.set_xlabel("milliseconds")
+    right.set_ylabel("fraction of requests")
+    right.set_title("Latency distribution")
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    pyplot.close(figure)

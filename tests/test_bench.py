@@ -1,0 +1,35 @@
+"""The benchmarks' smoke run: tiny inputs, one repetition, seconds. It
+measures nothing (CI never times anything); it keeps bench/ from rotting,
+and checks that what it writes is what README promises."""
+
+import os
+import re
+import subprocess
+import sys
+
+from PIL import Image
+
+from tests.harness import REPO
+
+
+def test_the_bench_smoke_run_writes_its_tables_and_chart(amqp_url, tmp_path):
+    out = tmp_path / "results"
+    run = subprocess.run([sys.executable, "-m", "bench", "--smoke", "--out", str(out)],
+                         cwd=REPO, capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "IMGWORKER_TEST_AMQP_URL": amqp_url})
+    assert run.returncode == 0, run.stdout + run.stderr
+    results = (out / "results.md").read_text()
+    assert "**Smoke run**" in results
+    for heading in ("## 1. Renditions engine", "## 2. Ingest through nginx", "## 3. End to end",
+                    "## 4. Memory"):
+        assert heading in results
+    for row in ("| naive Pillow (baseline) |", "| imgworker (images.render",
+                "| straightforward design (baseline), multipart |", "| 2 |"):
+        assert row in results
+    # every ingest design really queued what it accepted
+    counts = re.findall(r"\| (\d+) / (\d+) \|$", results, re.M)
+    assert len(counts) == 6
+    for queued, accepted in counts:
+        assert int(queued) >= int(accepted) > 0
+    with Image.open(out / "chart.png") as chart:
+        assert chart.format == "PNG" and chart.width >= 800
