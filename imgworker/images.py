@@ -107,8 +107,17 @@ def sniff_format(data):
     return None
 
 
-def _open(data, limits):
-    """Open (not decode) the image and check it against the limits."""
+def _open(source, limits):
+    """Open (not decode) the image -- bytes, or the path of a file -- and
+    check it against the limits."""
+    if isinstance(source, (bytes, bytearray)):
+        data, file = source, io.BytesIO(source)
+    else:
+        # A file is decoded as it is read: no copy of the whole upload in
+        # memory beside its pixels (a fifth of the peak at the pixel cap).
+        with open(source, "rb") as handle:
+            data = handle.read(16)
+        file = source
     fmt = sniff_format(data)
     if fmt is None:
         raise UnsupportedFormat("the data is not an image in a format imgworker knows "
@@ -117,7 +126,7 @@ def _open(data, limits):
         raise UnsupportedFormat(f"{fmt} images are not accepted here "
                                 "(accepted: " + ", ".join(limits.formats) + ")")
     try:
-        image = Image.open(io.BytesIO(data), formats=[_PIL_FORMAT[fmt]])
+        image = Image.open(file, formats=[_PIL_FORMAT[fmt]])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(f"the image has more than {limits.max_pixels} pixels") from None
     except UnidentifiedImageError:
@@ -243,15 +252,15 @@ def _resize(image, size):
     return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=3.0)
 
 
-def render(data, renditions, limits, progress=lambda: None):
-    """Make every rendition of the image in ``data``.
+def render(source, renditions, limits, progress=lambda: None):
+    """Make every rendition of the image in ``source`` (bytes, or a path).
 
     Returns a list of Output, largest first. Raises UnsupportedFormat or
     BadImage (with a reason for a person) for anything that is not a
     decodable image within the limits. ``progress`` is called after each
     step, so a caller can tell a slow job from a hung one.
     """
-    fmt, image = _open(data, limits)
+    fmt, image = _open(source, limits)
     try:
         return _render(fmt, image, renditions, progress)
     except (BadImage, UnsupportedFormat):
@@ -259,6 +268,8 @@ def render(data, renditions, limits, progress=lambda: None):
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(f"the image has more than {limits.max_pixels} pixels") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as error:
+        if isinstance(error, OSError) and error.errno is not None:
+            raise   # the file could not be read (EIO, ...): not the image's fault
         raise BadImage(f"the {fmt} data cannot be decoded ({error})") from None
     finally:
         image.close()

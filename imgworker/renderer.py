@@ -38,11 +38,11 @@ def _serve(connection, renditions, limits):
     images.install_pillow_backstop(limits)
     while True:
         try:
-            data = connection.recv_bytes()
+            path = connection.recv()
         except EOFError:
             return
         try:
-            outputs = images.render(data, renditions, limits,
+            outputs = images.render(path, renditions, limits,
                                     progress=lambda: connection.send(("progress",)))
             connection.send(("done", outputs))
         except images.UnsupportedFormat as error:
@@ -101,13 +101,14 @@ class Renderer:
                else f"exit status {code}")
         return RendererDied(f"the renderer process died ({how})")
 
-    def render(self, data, progress=lambda: None):
-        """images.render in the child. Raises what images.render raises, and
-        RenderTimeout or RendererDied."""
+    def render(self, path, progress=lambda: None):
+        """images.render of the file at ``path``, in the child (which reads
+        the file itself: the upload is never copied through the pipe).
+        Raises what images.render raises, and RenderTimeout or RendererDied."""
         if self._process is None or not self._process.is_alive():
             self._start()
         try:
-            self._connection.send_bytes(data)
+            self._connection.send(path)
         except OSError:
             raise self._died() from None
         deadline = time.monotonic() + self._timeout

@@ -258,7 +258,9 @@ class Worker:
             log.info("processing (attempt %d of %d%s).", attempts, max_attempts,
                      ", redelivered" if redelivered else "")
             started = time.monotonic()
-            outputs = self.renderer.render(self.storage.read_original(job_id), self._progress)
+            original = self.storage.original_path(job_id)
+            os.stat(original)   # a missing original fails the job (below), not the renderer
+            outputs = self.renderer.render(original, self._progress)
             renditions = {
                 output.rendition.name: {
                     "url": self.storage.rendition_url(job_id, output.rendition),
@@ -269,8 +271,8 @@ class Worker:
                        seconds=round(time.monotonic() - started, 3))
 
             def write_results():
-                for output in outputs:
-                    self.storage.write_rendition(job_id, output.rendition, output.data)
+                self.storage.write_renditions(
+                    job_id, [(output.rendition, output.data) for output in outputs])
                 self.storage.write_job(job)
             if not self._when_space(log, write_results):
                 return _Ack.REQUEUE

@@ -188,3 +188,20 @@ def test_a_jpeg_is_decoded_at_reduced_scale_and_each_size_derives_from_a_larger_
     # medium comes from large by an exact 2x box average, thumb from medium.
     assert steps == [("resize", (2000, 1500), (1600, 1200)), ("reduce", (1600, 1200), 2),
                      ("resize", (800, 600), (267, 200))]
+
+
+def test_a_file_renders_the_same_as_its_bytes(tmp_path):
+    # The worker's renderer reads the original from disk by path
+    data = samples.jpeg(1200, 900)
+    path = tmp_path / "original"
+    path.write_bytes(data)
+    from_bytes = images.render(data, DEFAULT_RENDITIONS, LIMITS)
+    from_file = images.render(str(path), DEFAULT_RENDITIONS, LIMITS)
+    assert [(o.width, o.height, o.data) for o in from_file] == \
+        [(o.width, o.height, o.data) for o in from_bytes]
+
+
+def test_a_file_that_cannot_be_read_is_an_os_error_not_a_bad_image(tmp_path):
+    # so the worker retries it instead of failing the job for good
+    with pytest.raises(FileNotFoundError):
+        images.render(str(tmp_path / "missing"), DEFAULT_RENDITIONS, LIMITS)
