@@ -51,8 +51,7 @@ def main(argv=None):
                                            repetitions=1 if smoke else 3, log=log)
 
         if "endtoend" in parts:
-            renditions = config.load(os.devnull).renditions
-            rate, sample = endtoend.engine_rate(photo, renditions, reps)
+            rate, sample = endtoend.engine_rate(workdir, photo, 3 if smoke else 15)
             results["engine_2mp"] = (rate, sample)
             log(f"end to end: one process renders the 2 MP job at {rate:.1f}/s ({sample})")
             cores = os.cpu_count() or 1

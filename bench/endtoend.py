@@ -16,7 +16,6 @@ import uuid
 
 import requests
 
-from imgworker import images
 from tests.harness import Pipeline
 
 from . import engine, stats
@@ -24,10 +23,14 @@ from . import engine, stats
 WORKER_ENV = engine.MALLOC_TUNING
 
 
-def engine_rate(photo, renditions, repetitions):
-    """Jobs per second of images.render in this process (one core)."""
-    sample = stats.repeat(lambda: images.render(photo, renditions, engine.LIMITS),
-                          repetitions, warmup=2)
+def engine_rate(workdir, photo, repetitions):
+    """Jobs per second of images.render with the default renditions, in a
+    process of its own with the unit's MALLOC_* environment, like a worker's
+    renderer (one core)."""
+    path = os.path.join(workdir, "engine-rate.jpg")
+    with open(path, "wb") as handle:
+        handle.write(photo)
+    sample = engine.in_fresh_process(path, repetitions, renditions="default")
     return 1000 / sample.median, sample
 
 
@@ -44,14 +47,19 @@ def drain(workdir, amqp_url, photo, jobs, workers):
         pipeline.start_api()
         ids = [pipeline.upload(data=photo, headers={"Content-Type": "image/jpeg"}).json()["id"]
                for _ in range(jobs)]
-        for instance in range(1, workers + 1):
-            pipeline.start_worker(instance, env=WORKER_ENV)
+        # All start at once (each waiting for its READY in turn would give
+        # the first a head start alone)
+        started = [pipeline.start_worker(instance, env=WORKER_ENV, ready=False)
+                   for instance in range(1, workers + 1)]
+        for worker in started:
+            worker.wait_notification("READY=1")
         deadline = time.monotonic() + 60 + jobs * 2
-        while time.monotonic() < deadline:
-            if all((pipeline.read_job(job_id) or {}).get("state") == "done" for job_id in ids):
-                break
+        waiting = list(ids)          # checked oldest first, each until it is done
+        while waiting and time.monotonic() < deadline:
+            while waiting and (pipeline.read_job(waiting[0]) or {}).get("state") == "done":
+                waiting.pop(0)
             time.sleep(0.2)
-        else:
+        if waiting:
             raise RuntimeError(f"{workers} workers did not drain {jobs} jobs")
         started = min(pipeline.read_job(job_id)["started_at"] for job_id in ids)
         finished = max(os.stat(os.path.join(pipeline.root, "jobs", job_id + ".json")).st_mtime

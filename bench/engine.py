@@ -214,13 +214,15 @@ def quality_verdicts(results):
             for r in results if r.psnr}
 
 
-_ALLOCATOR_PROBE = """
-import sys, time
+_PROBE = """
+import os, sys
 sys.path[:0] = sys.argv[1:2]
-from bench import engine
+from bench import engine, stats
+from imgworker import config, images
 data = open(sys.argv[2], 'rb').read()
-sample = engine.stats.repeat(lambda: engine.imgworker_render(data), int(sys.argv[3]), 2)
-print(sample.median)
+renditions = engine.RENDITIONS if sys.argv[4] == 'standard' else config.load(os.devnull).renditions
+sample = stats.repeat(lambda: images.render(data, renditions, engine.LIMITS), int(sys.argv[3]), 2)
+print(' '.join(map(str, sample.values)))
 """
 
 #: What imgworker@.service sets (Environment=): keep glibc from returning
@@ -228,19 +230,24 @@ print(sample.median)
 MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
 
 
+def in_fresh_process(data_path, repetitions, renditions="standard", malloc=MALLOC_TUNING):
+    """images.render of the file in a new process with the given MALLOC_*
+    environment: a Sample of ms per job. ``renditions``: the standard job's,
+    or "default" (config.ini's default set, what workers make)."""
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
+    out = subprocess.run([sys.executable, "-c", _PROBE, repo, data_path, str(repetitions),
+                          renditions], env={**env, **malloc}, check=True,
+                         capture_output=True, text=True).stdout
+    return stats.Sample([float(value) for value in out.split()], "ms")
+
+
 def allocator(data_path, repetitions, log=print):
     """imgworker's engine in a fresh process with glibc's default malloc
-    settings, then with the unit's: (default Sample, tuned Sample)."""
-    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    settings, then with the unit's: {label: Sample of per-process medians}."""
     found = {}
-    for label, extra in (("glibc defaults", {}), ("unit's MALLOC_*", MALLOC_TUNING)):
-        env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_")}
-        values = []
-        for _ in range(3):
-            out = subprocess.run([sys.executable, "-c", _ALLOCATOR_PROBE, repo, data_path,
-                                  str(repetitions)], env={**env, **extra}, check=True,
-                                 capture_output=True, text=True).stdout
-            values.append(float(out))
-        found[label] = stats.Sample(values, "ms")
+    for label, malloc in (("glibc defaults", {}), ("unit's MALLOC_*", MALLOC_TUNING)):
+        found[label] = stats.Sample([in_fresh_process(data_path, repetitions, malloc=malloc).median
+                                     for _ in range(3)], "ms")
         log(f"  imgworker engine, {label}: {found[label]} per job (median of 3 processes)")
     return found

@@ -146,12 +146,61 @@ def _memory_section(results):
     return lines
 
 
+def _targets_section(results):
+    """Issue 5's targets against this run's figures."""
+    rows = []
+
+    def row(target, measured, met):
+        rows.append(f"| {target} | {measured} | {'yes' if met else '**no**'} |")
+    if "engine" in results:
+        engines = results["engine"]
+        ours = next(r for r in engines if r.name.startswith("imgworker"))
+        naive = next(r for r in engines if r.name.startswith("naive"))
+        vips = next((r for r in engines if r.name.startswith("pyvips")), None)
+        loss = engine_bench.quality_verdicts(engines)[ours.name]
+        row("engine: >= 10 images/s/core", f"{ours.per_second:.1f}", ours.per_second >= 10)
+        row("engine: >= 4.7x naive Pillow", _ratio(ours.per_second, naive.per_second),
+            ours.per_second >= 4.7 * naive.per_second)
+        if vips:
+            row("engine: >= 1.0x pyvips", _ratio(ours.per_second, vips.per_second),
+                ours.per_second >= vips.per_second)
+        row("engine: every output within 0.5 dB PSNR", f"worst {max(0.0, loss):.2f} dB",
+            loss <= engine_bench.PSNR_TOLERANCE_DB)
+    if "ingest" in results:
+        designs = list(results["ingest"].values())
+        baseline = statistics.median(r.accepted_per_second for r in designs[0])
+        shipped = next(runs for name, runs in results["ingest"].items() if "as shipped" in name)
+        rate = statistics.median(r.accepted_per_second for r in shipped)
+        best_p99 = min(r.p99_ms for runs in designs[2:] for r in runs
+                       if "not durable" not in r.design)
+        row("ingest: >= 1,000 accepted uploads/s", f"{rate:.0f}/s", rate >= 1000)
+        row("ingest: p99 < 50 ms", f"best {best_p99:.0f} ms", best_p99 < 50)
+        row("ingest: >= 2.5x the straightforward design", _ratio(rate, baseline),
+            rate >= 2.5 * baseline)
+    if "drain" in results:
+        engine_rate = results["engine_2mp"][0]
+        worst = min(d / (n * engine_rate) for n, d in results["drain"].items())
+        row("end to end: N workers drain >= 90% of N x engine rate", f"worst {worst:.0%}",
+            worst >= 0.9)
+        latency = results["latency"].median
+        row("end to end: 2 MP upload to rendition p50 <= 150 ms", f"{latency:.0f} ms",
+            latency <= 150)
+    if "memory" in results:
+        (small, cap) = [main + renderer for main, renderer in results["memory"].values()]
+        row("memory: worker <= 120 MB on the 12 MP job (both processes' peaks)",
+            f"{small:.0f} MB", small <= 120)
+        row("memory: worker <= 300 MB at the pixel cap (both processes' peaks)",
+            f"{cap:.0f} MB", cap <= 300)
+    return ["## Targets", "", "| target | this run | met |", "|---|---|---|"] + rows
+
+
 def write(results, out):
     lines = ["# imgworker benchmarks", ""]
     if results["smoke"]:
         lines += ["**Smoke run** (tiny inputs, one repetition): the figures mean nothing.", ""]
     lines += ["Produced by `script/bench` (`python3 -m bench`). Machine:", ""]
     lines += [f"- {key}: {value}" for key, value in results["machine"].items()]
+    lines += [""] + _targets_section(results)
     for key, section in (("engine", _engine_section), ("ingest", _ingest_section),
                          ("drain", _endtoend_section), ("memory", _memory_section)):
         if key in results:

@@ -62,8 +62,8 @@ def job_message(job_id, fmt):
 
 
 class Publisher:
-    """One confirmed channel per process (pika connections are not
-    thread-safe; gunicorn's sync workers are one request at a time).
+    """A connection with one confirmed channel, for one thread (pika
+    connections are not thread-safe; the API keeps one per request thread).
 
     ``publish`` returns only once the broker has confirmed the message is
     stored (persistent, durable queue, publisher confirms, mandatory routing),
