@@ -4,6 +4,7 @@ Every 202 must still end in renditions."""
 import re
 import shutil
 import subprocess
+import threading
 import time
 
 import pytest
@@ -62,12 +63,17 @@ def test_kill_9_of_the_broker_mid_publish_loses_no_confirmed_job(make_pipeline, 
     pipeline.start_worker(1)
     pipeline.start_worker(2)
     ledger = Ledger.for_pipeline(pipeline, "4. kill -9 beam.smp x5")
-    load = ledger.run_load(count=400, per_second=20)
+    # Uploads flow until the last round is over, however long the broker
+    # takes to boot (4 to 9 s here), so every kill lands mid-publish
+    stop = threading.Event()
+    load = ledger.run_load(count=100_000, per_second=20, stop=stop)
     for _ in range(5):
         time.sleep(2)
         subprocess.run(["pkill", "-KILL", "-x", "beam.smp"], check=True)
         time.sleep(1)
         start_broker()
+    time.sleep(2)
+    stop.set()
     load.join()
     counters = ledger.check(settle_timeout=180)
     print(counters.notes[:10])
