@@ -48,6 +48,14 @@ def _jpeg(image, quality=85):
 
 # -- engines: bytes in, [(name, jpeg bytes)] out, largest first ---------------
 
+def _decoded(data):
+    """The JPEG decoded at the smallest DCT scale the largest output allows."""
+    image = Image.open(io.BytesIO(data))
+    image.draft("RGB", _fit(image.size, RENDITIONS[0].width))
+    image.load()
+    return image
+
+
 def naive_pillow(data):
     """Open, decode at full size, LANCZOS from full size for every output."""
     image = Image.open(io.BytesIO(data))
@@ -59,9 +67,7 @@ def naive_pillow(data):
 def draft_only(data):
     """Lever 1: decode at the smallest DCT scale the largest output allows
     (draft()); still LANCZOS from that for every output."""
-    image = Image.open(io.BytesIO(data))
-    image.draft("RGB", _fit(image.size, RENDITIONS[0].width))
-    image.load()
+    image = _decoded(data)
     return [(r.name, _jpeg(image.resize(_fit(image.size, r.width), LANCZOS), r.quality))
             for r in RENDITIONS]
 
@@ -69,9 +75,7 @@ def draft_only(data):
 def draft_derive(data):
     """Lever 2: + each output derived from the previous one (LANCZOS), as
     imgworker did before these benchmarks."""
-    image = Image.open(io.BytesIO(data))
-    image.draft("RGB", _fit(image.size, RENDITIONS[0].width))
-    image.load()
+    image = _decoded(data)
     outputs, source = [], image
     for r in RENDITIONS:
         source = source.resize(_fit(image.size, r.width), LANCZOS)
@@ -82,9 +86,7 @@ def draft_derive(data):
 def draft_derive_reduce(data):
     """Lever 3: + reduce() (a box average) where a step is an exact integer
     factor; LANCZOS for the rest."""
-    image = Image.open(io.BytesIO(data))
-    image.draft("RGB", _fit(image.size, RENDITIONS[0].width))
-    image.load()
+    image = _decoded(data)
     outputs, source = [], image
     for r in RENDITIONS:
         size = _fit(image.size, r.width)
@@ -186,9 +188,7 @@ class EngineResult:
 
 def decode_only(data):
     """The floor: the DCT-scaled decode every Pillow engine above starts with."""
-    image = Image.open(io.BytesIO(data))
-    image.draft("RGB", _fit(image.size, RENDITIONS[0].width))
-    image.load()
+    _decoded(data)
 
 
 def run(data, repetitions, warmup=2, log=print):

@@ -18,11 +18,10 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import dataclass
 
-from tests.harness import REPO, Pipeline
+from tests.harness import REPO, Pipeline, wait_for_port
 
 _WRK_SCRIPT = r"""
 local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
@@ -80,16 +79,12 @@ def _baseline_server(pipeline):
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{pipeline.port}",
          "--log-level", "warning", spec], cwd=REPO, stdout=subprocess.DEVNULL)
-    deadline = time.monotonic() + 20
-    import socket
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", pipeline.port), timeout=1).close()
-            return process
-        except OSError:
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("the baseline API did not start")
+    try:
+        wait_for_port(pipeline.port, process, "the baseline API")
+    except AssertionError:
+        process.kill()
+        raise
+    return process
 
 
 def run(workdir, amqp_url, photo, connections, seconds, repetitions, log=print):

@@ -18,16 +18,6 @@ def _peak_kb(pid):
     raise RuntimeError(f"no VmHWM for {pid}")
 
 
-def _renderer(pid):
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as handle:
-            for child in handle.read().split():
-                with open(f"/proc/{child}/cmdline", "rb") as cmdline:
-                    if b"spawn_main" in cmdline.read():
-                        return int(child)
-    raise RuntimeError("the worker has no renderer process")
-
-
 def peak(workdir, amqp_url, photo, content_type):
     """(worker main MB, renderer MB) at their peaks over one job."""
     run_dir = os.path.join(workdir, f"memory-{uuid.uuid4().hex[:8]}")
@@ -42,7 +32,7 @@ def peak(workdir, amqp_url, photo, content_type):
         if job["state"] != "done":
             raise RuntimeError(f"the job {job['state']}: {job.get('error')}")
         pid = worker.process.pid
-        return _peak_kb(pid) / 1024, _peak_kb(_renderer(pid)) / 1024
+        return _peak_kb(pid) / 1024, _peak_kb(worker.renderer_pid()) / 1024
     finally:
         pipeline.close()
         shutil.rmtree(run_dir, ignore_errors=True)

@@ -10,8 +10,8 @@ Rendering follows what makes stock Pillow fast and correct:
   least twice its size, else from the decoded original;
 - an exact integer step is a box average (``reduce()``); any other step is
   BILINEAR, with ``reducing_gap`` for large factors. Against LANCZOS from
-  the full-size image, this costs under 0.3 dB PSNR on the standard job and
-  takes a third less time (bench/results/results.md, "Renditions engine");
+  the full-size image, this costs at most 0.2 dB PSNR on the standard job
+  and takes 40% less time (bench/results/results.md, "Renditions engine");
 - EXIF orientation is applied, and no metadata (EXIF, GPS, XMP) is ever
   written to an output.
 """

@@ -30,6 +30,32 @@ def free_port():
         return probe.getsockname()[1]
 
 
+def children(pid):
+    """The child processes of ``pid``, from every one of its threads."""
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as handle:
+                found += [int(child) for child in handle.read().split()]
+    except FileNotFoundError:
+        pass
+    return found
+
+
+def wait_for_port(port, process, what, timeout=20):
+    """Return once something accepts connections on 127.0.0.1:port; fail if
+    ``process`` exits first or the time is up."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=1).close()
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"{what} did not start listening on {port}") from None
+            time.sleep(0.05)
+
+
 class Service:
     """One imgworker process with its own sd_notify socket."""
 
@@ -91,18 +117,27 @@ class Service:
         while pending:
             pid = pending.pop()
             pids.append(pid)
-            try:
-                for task in os.listdir(f"/proc/{pid}/task"):
-                    with open(f"/proc/{pid}/task/{task}/children") as handle:
-                        pending += [int(child) for child in handle.read().split()]
-            except FileNotFoundError:
-                pass
+            pending += children(pid)
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self.process.wait()
+
+    def renderer_pid(self, timeout=10):
+        """A worker's rendering child (spawned: its command line says so)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for child in children(self.process.pid):
+                try:
+                    with open(f"/proc/{child}/cmdline", "rb") as handle:
+                        if b"spawn_main" in handle.read():
+                            return child
+                except FileNotFoundError:
+                    pass
+            time.sleep(0.05)
+        raise AssertionError(f"{self.name} has no renderer process")
 
     def stop(self, timeout=30):
         if self.process.poll() is None:
@@ -158,15 +193,10 @@ http {{
         self.process = subprocess.Popen(
             ["nginx", "-p", self.dir, "-e", os.path.join(self.dir, "error.log"),
              "-c", os.path.join(self.dir, "nginx.conf")], stdout=subprocess.DEVNULL)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
-                break
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError("nginx did not start:\n" + self.error_log()) from None
-                time.sleep(0.05)
+        try:
+            wait_for_port(self.port, self.process, "nginx", timeout=10)
+        except AssertionError as error:
+            raise AssertionError(f"{error}:\n{self.error_log()}") from None
 
     def error_log(self):
         with open(os.path.join(self.dir, "error.log"), errors="replace") as handle:

@@ -7,7 +7,6 @@ import sys
 import threading
 import time
 
-from imgworker import broker
 from imgworker.storage import Storage, new_job_id
 from tests import samples
 from tests.faults.ledger import Ledger

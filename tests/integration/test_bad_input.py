@@ -8,7 +8,6 @@ never EXIF or GPS in an output.
 import io
 import os
 
-import pytest
 import requests
 from PIL import Image
 

@@ -146,26 +146,6 @@ def test_a_worker_that_cannot_reach_the_broker_never_says_ready(make_pipeline):
     assert worker.stop() == 0
 
 
-def renderer_pid(worker, timeout=10):
-    """The worker's rendering child (spawned: its command line says so)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        for child in children(worker.process.pid):
-            with open(f"/proc/{child}/cmdline", "rb") as handle:
-                if b"spawn_main" in handle.read():
-                    return child
-        time.sleep(0.05)
-    raise AssertionError("the worker has no renderer process")
-
-
-def children(pid):
-    found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as handle:
-            found += [int(child) for child in handle.read().split()]
-    return found
-
-
 def test_a_job_over_job_timeout_fails_with_that_reason_and_the_worker_goes_on(make_pipeline,
                                                                              big_jpeg):
     pipeline, worker, job_id = slow_job_in_hand(make_pipeline, big_jpeg, worker={"job_timeout": "1"})
@@ -184,7 +164,7 @@ def test_a_renderer_killed_midway_costs_one_attempt_and_the_job_still_finishes(m
                                                                               big_jpeg):
     # As when the OOM killer or a decoder crash takes the rendering process
     pipeline, worker, job_id = slow_job_in_hand(make_pipeline, big_jpeg)
-    os.kill(renderer_pid(worker), signal.SIGKILL)
+    os.kill(worker.renderer_pid(), signal.SIGKILL)
     job = pipeline.wait_job(job_id, timeout=90)
     assert job["state"] == "done" and job["attempts"] == 2
     assert worker.process.poll() is None
@@ -194,9 +174,9 @@ def test_a_renderer_killed_midway_costs_one_attempt_and_the_job_still_finishes(m
 
 def test_a_job_that_crashes_every_renderer_is_dead_lettered_with_its_reason(make_pipeline, big_jpeg):
     pipeline, worker, job_id = slow_job_in_hand(make_pipeline, big_jpeg, worker={"max_attempts": "2"})
-    os.kill(renderer_pid(worker), signal.SIGKILL)
+    os.kill(worker.renderer_pid(), signal.SIGKILL)
     wait_attempt(pipeline, job_id, 2)
-    os.kill(renderer_pid(worker), signal.SIGKILL)
+    os.kill(worker.renderer_pid(), signal.SIGKILL)
     job = pipeline.wait_job(job_id, timeout=30)
     assert job["state"] == "failed"
     assert job["error"] == "gave up after 2 attempts: the renderer process died (signal SIGKILL)"
