@@ -27,9 +27,24 @@ def _load_config(args):
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def _load_broker_config(args):
+    """The config of a role that talks to the broker: without a [broker] url
+    it exits 78 (the units do not restart it) with the two ways to fix it."""
+    config = _load_config(args)
+    if not config.broker.url:
+        where = config.path or configuration.DEFAULT_PATH
+        print(f"imgworker: no broker configured: [broker] url is not set in {where} or "
+              f"{os.path.join(os.path.dirname(where), 'config.d')}/*.ini. With RabbitMQ on this "
+              "host, run 'imgworker setup-broker'; on a worker-only host, write [broker] url = "
+              "amqp://USER:PASSWORD@BROKER-HOST:5672/VHOST to config.d/broker.ini.",
+              file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG)
+    return config
+
+
 def cmd_api(args):
     from . import server
-    config = _load_config(args)
+    config = _load_broker_config(args)
     log.setup()
     server.run(config, Notifier())
     return 0
@@ -37,7 +52,7 @@ def cmd_api(args):
 
 def cmd_worker(args):
     from .worker import Worker
-    config = _load_config(args)
+    config = _load_broker_config(args)
     log.setup(instance=args.instance)
     return Worker(config, args.instance, Notifier()).run()
 
@@ -45,7 +60,7 @@ def cmd_worker(args):
 def cmd_sweep(args):
     from . import broker
     from .sweep import sweep
-    config = _load_config(args)
+    config = _load_broker_config(args)
     log.setup()
     try:
         requeued, unmarked, dropped = sweep(config, args.older_than)
@@ -57,11 +72,28 @@ def cmd_sweep(args):
     return 0
 
 
+def cmd_setup_broker(args):
+    from .broker_setup import SetupError, setup_broker
+    _load_config(args)          # a broken config.ini is reported as such first
+    log.setup()
+    try:
+        url = setup_broker(args.config or os.environ.get("IMGWORKER_CONFIG")
+                           or configuration.DEFAULT_PATH,
+                           vhost=args.vhost, user=args.user, advertise=args.advertise)
+    except SetupError as error:
+        logger.error("Broker set-up: %s", error)
+        return error.exit_code
+    if not args.quiet:
+        print("A worker-only host needs this in /etc/imgworker/config.d/broker.ini:\n"
+              f"[broker]\nurl = {url}")
+    return 0
+
+
 def cmd_check_config(args):
     if args.template:
         sys.stdout.write(configuration.template())
         return 0
-    config = _load_config(args)
+    config = _load_broker_config(args)
     source = config.path or "built-in defaults (no config file found)"
     print(f"{source}: OK; renditions: " +
           ", ".join(f"{r.name} {r.width}x{r.height} {r.mode} {r.format}"
@@ -139,6 +171,22 @@ def build_parser():
     check.add_argument("--template", action="store_true",
                        help="print the commented default config.ini instead")
     check.set_defaults(func=cmd_check_config)
+
+    setup = commands.add_parser(
+        "setup-broker", help="create imgworker's vhost and user on the local RabbitMQ",
+        description="Create a vhost and a user with a generated password on the local "
+                    "RabbitMQ and write [broker] url to config.d/broker.ini (0640 "
+                    "root:imgworker). Idempotent: a URL that works is left alone; one this "
+                    "command wrote whose credentials stopped working gets a new password. "
+                    "Prints the URL a worker-only host needs. Exit 69 when there is no "
+                    "running RabbitMQ here, 78 when a URL someone else wrote does not work.")
+    setup.add_argument("--vhost", default="imgworker", help="vhost (default imgworker)")
+    setup.add_argument("--user", default="imgworker", help="user (default imgworker)")
+    setup.add_argument("--advertise", metavar="HOST",
+                       help="this host's name in the printed URL (default: its FQDN)")
+    setup.add_argument("--quiet", action="store_true",
+                       help="do not print the URL (it carries the password)")
+    setup.set_defaults(func=cmd_setup_broker)
 
     sweeper = commands.add_parser("sweep", help="queue uploads a crashed API left behind",
                                   description="Queue again the uploads whose API process died "

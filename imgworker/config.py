@@ -51,6 +51,8 @@ def _seconds(raw):
 
 
 def _amqp_url(raw):
+    if not raw:
+        return ""      # not configured: the services refuse to start (see cli)
     parts = urllib.parse.urlsplit(raw)
     if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
         raise ValueError("must be an amqp:// or amqps:// URL with a host")
@@ -99,10 +101,13 @@ class Option:
 
 SCHEMA = {
     "broker": {
-        "url": Option("amqp://guest:guest@127.0.0.1:5672/%2F", _amqp_url,
-                      "AMQP URL of the RabbitMQ vhost (%2F is the vhost '/'). The Debian "
-                      "package writes one with a generated password to config.d/broker.ini, "
-                      "which is read after this file."),
+        # No default: a default URL would be guest on vhost '/', which a
+        # service must never end up using by accident.
+        "url": Option("", _amqp_url,
+                      "AMQP URL of the RabbitMQ vhost, e.g. amqp://USER:PASSWORD@HOST:5672/VHOST "
+                      "(%2F is the vhost '/'). 'imgworker setup-broker' creates a vhost and user "
+                      "on the local RabbitMQ and writes this to config.d/broker.ini, which is "
+                      "read after this file. The API and the workers refuse to start without it."),
         "queue": Option("imgworker.jobs", _name,
                         "Durable queue the API publishes jobs to and workers consume."),
         "dead_letter_queue": Option("imgworker.jobs.dead", _name,
@@ -210,7 +215,9 @@ class Config(SimpleNamespace):
     of Rendition), ``config.path`` (the file they came from, or None)."""
 
 
-def _read(path):
+def read_raw(path):
+    """One file's sections and options as configparser reads them, not yet
+    checked against the schema."""
     # No interpolation: broker URLs carry %2F and passwords may carry '%'.
     parser = configparser.ConfigParser(interpolation=None, empty_lines_in_values=False)
     try:
@@ -239,7 +246,7 @@ def load(path=None):
     path = explicit or DEFAULT_PATH
     files = []
     try:
-        files.append((path, _read(path)))
+        files.append((path, read_raw(path)))
     except FileNotFoundError:
         if explicit:
             raise ConfigError(f"{path}: no such file") from None
@@ -247,7 +254,7 @@ def load(path=None):
     if os.path.isdir(drop_ins):
         for name in sorted(os.listdir(drop_ins)):
             if name.endswith(".ini"):
-                files.append((os.path.join(drop_ins, name), _read(os.path.join(drop_ins, name))))
+                files.append((os.path.join(drop_ins, name), read_raw(os.path.join(drop_ins, name))))
     return _build(files, path if files and files[0][0] == path else None)
 
 
@@ -320,7 +327,7 @@ def template():
         for option, spec in options.items():
             lines += ["", *textwrap.wrap(spec.help, 76, initial_indent="# ",
                                          subsequent_indent="# ")]
-            lines.append(f"#{option} = {spec.default}")
+            lines.append(f"#{option} = {spec.default}".rstrip())
     lines += [
         "",
         "# One line per rendition a job makes: NAME = WIDTHxHEIGHT MODE FORMAT QUALITY",

@@ -82,7 +82,7 @@ def test_the_shipped_config_file_is_the_template_and_loads_to_the_defaults():
     assert loaded.renditions == config.from_dict({}).renditions
     for section, options in config.SCHEMA.items():
         for option in options:
-            assert f"#{option} = " in config.template()
+            assert f"#{option} =" in config.template()
 
 
 def run_cli(*args, env=None):
@@ -98,14 +98,30 @@ def test_check_config_exits_78_and_says_what_is_wrong(tmp_path):
 
 
 def test_check_config_accepts_a_good_file_given_with_the_flag(tmp_path):
-    path = write(tmp_path, "[api]\nlisten = 127.0.0.1:9000\n")
+    path = write(tmp_path, "[broker]\nurl = amqp://guest:guest@127.0.0.1:5672/%2F\n"
+                           "[api]\nlisten = 127.0.0.1:9000\n")
     result = run_cli("--config", path, "check-config")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{path}: OK")
 
 
+@pytest.mark.parametrize("command", ["check-config", "api", "worker", "sweep"])
+def test_without_a_broker_url_every_broker_role_exits_78_and_names_the_fix(tmp_path, command):
+    # Given the shipped config.ini alone: no default URL, so never guest by accident
+    path = tmp_path / "config.ini"
+    path.write_text(config.template())
+    # When a role that needs the broker starts
+    result = run_cli("--config", str(path), command)
+    # Then it refuses with EX_CONFIG (the units do not restart it) and says how to fix it
+    assert result.returncode == 78
+    assert "no broker configured" in result.stderr
+    assert "imgworker setup-broker" in result.stderr
+    assert "config.d/broker.ini" in result.stderr
+    assert config.load(str(path)).broker.url == ""
+
+
 def test_every_command_explains_itself_with_help():
-    for command in ("api", "worker", "check-config", "submit", "sweep"):
+    for command in ("api", "worker", "check-config", "setup-broker", "submit", "sweep"):
         result = run_cli(command, "--help")
         assert result.returncode == 0
         assert "usage: imgworker" in result.stdout
