@@ -184,8 +184,11 @@ class _Rabbitmqctl:
                              "setup-broker' again.", EX_UNAVAILABLE)
 
     def _call(self, *args, stdin=None):
+        # -s (no banners, no table headers) except when a password comes on
+        # stdin: RabbitMQ 4.0's rabbitmqctl then never reads it and hangs.
+        flags = [] if stdin else ["-s"]
         try:
-            return subprocess.run([self._path, "-s", *args], input=stdin, capture_output=True,
+            return subprocess.run([self._path, *flags, *args], input=stdin, capture_output=True,
                                   text=True, timeout=_RABBITMQCTL_TIMEOUT)
         except subprocess.TimeoutExpired:
             raise SetupError(f"rabbitmqctl {args[0]} did not answer within "

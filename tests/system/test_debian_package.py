@@ -1,5 +1,6 @@
 """The Debian package in a booted Debian 12 and 13, under a real systemd
-(tests/system/e2e-nspawn does the work; this runs it for each release).
+(tests/system/e2e-nspawn and install-order do the work; this runs them for
+each release).
 
 Needs root, systemd-nspawn and a network that reaches Debian's mirror (to
 build the container's root): it skips on a laptop without them and FAILS
@@ -25,15 +26,27 @@ def _unavailable():
     return None
 
 
-@pytest.mark.parametrize("release", ["bookworm", "trixie"])
-def test_the_package_installs_runs_upgrades_and_purges_under_systemd(release):
+def _run(script, release, timeout):
+    """Run a script of this folder for release; it must end with its PASS line."""
     reason = _unavailable()
     if reason:
         if os.environ.get("CI"):
             pytest.fail(f"the package test {reason}")
         pytest.skip(reason)
-    result = subprocess.run([os.path.join(HERE, "e2e-nspawn"), release], capture_output=True,
-                            text=True, timeout=1200)
+    result = subprocess.run([os.path.join(HERE, script), release], capture_output=True,
+                            text=True, timeout=timeout)
     print(result.stdout[-6000:], result.stderr[-4000:])
     assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    assert result.stdout.rstrip().endswith(f"== PASS: {release}")
+    return result.stdout.rstrip()
+
+
+@pytest.mark.parametrize("release", ["bookworm", "trixie"])
+def test_the_package_installs_runs_upgrades_and_purges_under_systemd(release):
+    assert _run("e2e-nspawn", release, 1200).endswith(f"== PASS: {release}")
+
+
+@pytest.mark.parametrize("release", ["bookworm", "trixie"])
+def test_the_stack_comes_up_whatever_order_apt_configures_the_packages_in(release):
+    output = _run("install-order", release, 900)
+    for variant in ("preinstalled", "broker-first", "later"):
+        assert f"== PASS: {variant} ({release})" in output
