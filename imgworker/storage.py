@@ -19,7 +19,7 @@ import time
 import uuid
 
 #: Job ids are generated here, never taken from a client: 32 hex digits.
-_JOB_ID = re.compile(r"^[0-9a-f]{32}$")
+_JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 STATES = ("queued", "processing", "done", "failed")
 
@@ -33,7 +33,8 @@ def new_job_id():
 
 
 def is_job_id(text):
-    return bool(_JOB_ID.match(text))
+    # fullmatch: "$" would also accept a trailing newline.
+    return isinstance(text, str) and _JOB_ID.fullmatch(text) is not None
 
 
 def _fsync_dir(path):

@@ -35,7 +35,7 @@ import pika.exceptions
 from . import broker, images
 from .log import JobLog
 from .renderer import Renderer, RenderTimeout
-from .storage import Storage, StorageFull
+from .storage import Storage, StorageFull, is_job_id
 
 logger = logging.getLogger(__name__)
 
@@ -218,13 +218,25 @@ class Worker:
             self._in_hand.pop(tag, None)
 
     def _handle(self, body, redelivered):
-        """Process one job; returns an _Ack decision. Never raises."""
+        """Process one job; returns an _Ack decision. Never raises: an
+        exception here would leave the delivery unsettled, and with prefetch
+        1 the worker would wait for it forever while feeding the watchdog."""
         try:
             message = json.loads(body)
-            job_id = message["id"]
-        except (ValueError, KeyError, TypeError):
-            logger.error("Dead-lettering a message that is not an imgworker job: %r", body[:200])
+        except ValueError:
+            message = None
+        job_id = message.get("id") if isinstance(message, dict) else None
+        if not is_job_id(job_id):
+            logger.error("Dead-lettering a message that is not an imgworker job "
+                         "(not a JSON object with a 32-hex-digit id): %r", body[:200])
             return _Ack.DEAD_LETTER
+        try:
+            return self._handle_job(job_id, redelivered)
+        except Exception:  # noqa: BLE001 - a bug must not stall the worker
+            logger.exception("Dead-lettering job %s after an unexpected error.", job_id)
+            return _Ack.DEAD_LETTER
+
+    def _handle_job(self, job_id, redelivered):
         log = JobLog(logger, job_id)
         job = self.storage.read_job(job_id)
         if job is None:

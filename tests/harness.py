@@ -321,9 +321,9 @@ class Pipeline:
         finally:
             connection.close()
 
-    def dead_letters(self):
-        """(job id, x-death reason) of every message in the dead-letter
-        queue, left in place."""
+    def dead_lettered(self):
+        """(body, x-death reason) of every message in the dead-letter queue,
+        left in place."""
         connection, channel = self._channel()
         found = []
         try:
@@ -332,10 +332,23 @@ class Pipeline:
                 if method is None:
                     break
                 death = (properties.headers or {}).get("x-death", [{}])[0]
-                found.append((json.loads(body)["id"], death.get("reason")))
+                found.append((body, death.get("reason")))
         finally:
             connection.close()  # unacked gets go back to the queue
         return found
+
+    def dead_letters(self):
+        """(job id, x-death reason) of every job in the dead-letter queue."""
+        return [(json.loads(body)["id"], reason) for body, reason in self.dead_lettered()]
+
+    def publish_raw(self, body):
+        """Put any bytes on the job queue, as a buggy or hostile producer would."""
+        connection, channel = self._channel()
+        try:
+            channel.confirm_delivery()
+            channel.basic_publish("", self.queue, body, pika.BasicProperties(delivery_mode=2))
+        finally:
+            connection.close()
 
     def close(self):
         if self.nginx is not None:

@@ -192,3 +192,22 @@ def wait_attempt(pipeline, job_id, attempt, timeout=30):
             return
         time.sleep(0.02)
     raise AssertionError(f"job {job_id} never reached attempt {attempt}: {pipeline.job(job_id)}")
+
+
+@pytest.mark.parametrize("body", [b'{"id": 1}', b"null", b"[]", b"not json",
+                                  b'{"id": "../../etc/passwd"}',
+                                  b'{"id": "0123456789abcdef0123456789abcdef\\n"}'])
+def test_a_malformed_message_is_dead_lettered_and_the_worker_takes_the_next_job(pipeline, body):
+    # Given a worker, and a message on its queue that is not an imgworker job
+    pipeline.start_api()
+    worker = pipeline.start_worker()
+    pipeline.publish_raw(body)
+    # When a good job comes after it (prefetch 1: it waits behind the bad one)
+    good = pipeline.upload(samples.jpeg(400, 300)).json()["id"]
+    # Then the good job is done, the bad message sits in the dead-letter
+    # queue, and the worker lives on and says why
+    assert pipeline.wait_job(good, timeout=30)["state"] == "done"
+    assert pipeline.dead_lettered() == [(body, "rejected")]
+    assert pipeline.queue_depth() == 0
+    assert worker.process.poll() is None
+    assert "Dead-lettering a message that is not an imgworker job" in worker.log()
