@@ -12,8 +12,10 @@ Rendering follows what makes stock Pillow fast and correct:
   BILINEAR, with ``reducing_gap`` for large factors. Against LANCZOS from
   the full-size image, this costs at most 0.2 dB PSNR on the standard job
   and takes 40% less time (bench/results/results.md, "Renditions engine");
-- EXIF orientation is applied, and no metadata (EXIF, GPS, XMP) is ever
-  written to an output.
+- EXIF orientation is applied, and no metadata (EXIF, GPS, XMP, ICC) is
+  ever written to an output: an upload's ICC profile is used to convert its
+  pixels to sRGB, the web's default, and is never copied (a client could
+  otherwise have any bytes it likes served from the site).
 """
 
 import io
@@ -21,7 +23,7 @@ import struct
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageCms, UnidentifiedImageError
 
 #: Magic bytes -> format name; the only way a format is identified (never
 #: the file name or the Content-Type a client sent).
@@ -50,6 +52,12 @@ _EXIF_ORIENTATION = 0x0112
 #: at least this many times its size; closer than that, resampling twice
 #: softens the result, so the decoded original is used instead.
 _DERIVE_RATIO = 2.0
+
+#: Larger "profiles" are not parsed: real ones are kilobytes (a printer's a
+#: few hundred); the pixels are then taken as sRGB.
+_MAX_ICC_BYTES = 1 << 20
+
+_SRGB = ImageCms.createProfile("sRGB")
 
 #: Background that transparent pixels become in formats without alpha.
 _FLATTEN_BACKGROUND = (255, 255, 255)
@@ -213,22 +221,43 @@ def _flatten(image):
     return Image.alpha_composite(background, image).convert("RGB")
 
 
-def _encode(image, rendition, icc_profile):
+class _ToSrgb:
+    """Converts RGB(A) pixels from the upload's ICC profile to sRGB; a no-op
+    when there is no usable RGB profile (then the pixels are taken as sRGB)."""
+
+    def __init__(self, icc_profile):
+        self._source = None
+        self._transforms = {}
+        if icc_profile and len(icc_profile) <= _MAX_ICC_BYTES:
+            try:
+                profile = ImageCms.ImageCmsProfile(io.BytesIO(icc_profile))
+                if profile.profile.xcolor_space.strip() == "RGB":
+                    self._source = profile
+            except (OSError, ValueError, TypeError, ImageCms.PyCMSError):
+                pass   # not a profile: whatever it is, it is dropped
+
+    def __call__(self, image):
+        if self._source is None or image.mode not in ("RGB", "RGBA"):
+            return image
+        if image.mode not in self._transforms:
+            self._transforms[image.mode] = ImageCms.buildTransform(
+                self._source, _SRGB, image.mode, image.mode)
+        return ImageCms.applyTransform(image, self._transforms[image.mode])
+
+
+def _encode(image, rendition):
     if rendition.format == "jpeg":
         image = _flatten(image)
-    # Resized images inherit .info (EXIF, XMP, comments) from their source;
-    # some encoders write what is there. Outputs carry no metadata at all.
+    # Resized images inherit .info (EXIF, XMP, ICC, comments) from their
+    # source; some encoders write what is there. Outputs carry no metadata.
     image.info = {}
     buffer = io.BytesIO()
-    options = {}
-    if icc_profile:
-        options["icc_profile"] = icc_profile
     if rendition.format == "jpeg":
-        image.save(buffer, "JPEG", quality=rendition.quality, **options)
+        image.save(buffer, "JPEG", quality=rendition.quality)
     elif rendition.format == "webp":
-        image.save(buffer, "WEBP", quality=rendition.quality, method=4, **options)
+        image.save(buffer, "WEBP", quality=rendition.quality, method=4)
     else:
-        image.save(buffer, "PNG", **options)
+        image.save(buffer, "PNG")
     return buffer.getvalue()
 
 
@@ -284,9 +313,10 @@ def _render(fmt, image, renditions, progress):
     plans = sorted((_plan(r, *upright) for r in renditions),
                    key=lambda plan: plan.scaled[0] * plan.scaled[1], reverse=True)
 
-    # ICC profiles describe RGB pixels only when the source was RGB; a CMYK
-    # profile on converted RGB output would be wrong, so it is dropped.
-    icc_profile = image.info.get("icc_profile") if image.mode in ("RGB", "RGBA", "P") else None
+    # An RGB source's profile converts its pixels to sRGB; a CMYK or grey
+    # one describes other pixels than the converted ones, so it is dropped.
+    to_srgb = _ToSrgb(image.info.get("icc_profile")
+                      if image.mode in ("RGB", "RGBA", "P") else None)
 
     if fmt == "jpeg":
         need_w, need_h = plans[0].scaled
@@ -312,7 +342,7 @@ def _render(fmt, image, renditions, progress):
         scaled = _resize(source, plan.scaled)
         made.append(scaled)
         final = _crop_centre(scaled, plan.final)
-        outputs.append(Output(plan.rendition, _encode(final, plan.rendition, icc_profile),
+        outputs.append(Output(plan.rendition, _encode(to_srgb(final), plan.rendition),
                               *final.size))
         progress()
     return outputs

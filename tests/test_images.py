@@ -205,3 +205,37 @@ def test_a_file_that_cannot_be_read_is_an_os_error_not_a_bad_image(tmp_path):
     # so the worker retries it instead of failing the job for good
     with pytest.raises(FileNotFoundError):
         images.render(str(tmp_path / "missing"), DEFAULT_RENDITIONS, LIMITS)
+
+
+# -- ICC profiles: used to convert to sRGB, never copied ------------------------------
+
+def srgb_profile():
+    from PIL import ImageCms
+    return ImageCms.ImageCmsProfile(ImageCms.createProfile("sRGB")).tobytes()
+
+
+@pytest.mark.parametrize("fmt", ["jpeg", "png", "webp"])
+def test_a_client_payload_posing_as_an_icc_profile_is_never_copied_into_a_rendition(fmt):
+    # Given a small image carrying a "profile" that is a web page: 4 MB, or
+    # for PNG 900 KB (Pillow refuses iCCP chunks that inflate past 1 MB)
+    payload = b"<html><script>alert(1)</script>" + b"A" * (900_000 if fmt == "png" else 4 << 20)
+    data = samples.encode(samples.photo(64, 64), fmt.upper(), icc_profile=payload)
+    assert Image.open(io.BytesIO(data)).info["icc_profile"] == payload
+    # When every default rendition is made, and one in the upload's own format
+    outputs = images.render(data, DEFAULT_RENDITIONS + (rendition(f"64x64 fit {fmt} 80"),), LIMITS)
+    # Then no output carries the payload or any profile, and each stays small
+    for output in outputs:
+        assert b"<html>" not in output.data and b"AAAAAAAA" not in output.data
+        assert decoded(output).info.get("icc_profile") is None
+        assert len(output.data) < 20_000
+
+
+def test_an_srgb_profile_is_applied_and_not_embedded_and_the_pixels_keep_their_colour():
+    image = samples.photo(400, 300)
+    tagged = images.render(samples.encode(image, "PNG", icc_profile=srgb_profile()),
+                           (rendition("400x300 fit png 100"),), LIMITS)[0]
+    plain = images.render(samples.encode(image, "PNG"), (rendition("400x300 fit png 100"),),
+                          LIMITS)[0]
+    assert decoded(tagged).info.get("icc_profile") is None
+    difference = [abs(a - b) for a, b in zip(decoded(tagged).tobytes(), decoded(plain).tobytes())]
+    assert max(difference) <= 2     # sRGB to sRGB: only rounding

@@ -110,3 +110,25 @@ def test_a_stalled_body_is_cut_off_after_client_body_timeout_while_others_get_th
     counters = ledger.check()
     counters.notes.append(f"stalled body cut off after {cut_off_after:.1f} s")
     assert counters.accepted == 60 and counters.lost == 0 and counters.corrupt == 0
+
+
+def test_nginx_serves_renditions_with_their_image_type_and_nosniff(make_pipeline):
+    from tests import samples
+    # Given a job done through the shipped site, one of its renditions a WebP
+    pipeline = make_pipeline(renditions={"large": "1600x1600 fit jpeg 85",
+                                         "card": "400x400 fill webp 80"})
+    pipeline.start_api()
+    pipeline.start_worker()
+    nginx = pipeline.start_nginx()
+    response = requests.post(nginx.base_url + "/upload", data=samples.jpeg(800, 600), timeout=30)
+    assert response.status_code == 202
+    job = pipeline.wait_job(response.json()["id"])
+    assert job["state"] == "done"
+    # When a browser fetches the renditions from nginx
+    for name, content_type in (("large", "image/jpeg"), ("card", "image/webp")):
+        served = requests.get(nginx.base_url + job["renditions"][name]["url"], timeout=10)
+        # Then each has its image type and nosniff, and is the file on disk
+        assert served.status_code == 200
+        assert served.headers["Content-Type"] == content_type
+        assert served.headers["X-Content-Type-Options"] == "nosniff"
+        assert len(served.content) == job["renditions"][name]["bytes"]
