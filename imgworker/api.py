@@ -12,15 +12,13 @@ limits or an unreadable header, 503 + Retry-After when the broker cannot take
 the job, 507 when storage is full. Bad input never gets a 5xx.
 """
 
-import email.parser
-import email.policy
 import json
 import logging
 import os
 import re
 import threading
 
-from . import broker, images
+from . import broker, images, multipart
 from .log import JobLog
 from .storage import Storage, StorageFull, new_job_id
 
@@ -149,17 +147,14 @@ class Api:
 
     @staticmethod
     def _file_from_multipart(content_type, body):
-        head = b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n"
-        message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(head + body)
-        if not message.is_multipart() or message.defects:
-            raise HTTPError(400, "the multipart/form-data body is malformed")
-        files = [part for part in message.iter_parts()
-                 if part.get_param("name", header="content-disposition") == "file"]
-        if len(files) != 1:
-            raise HTTPError(400, "send exactly one form field named 'file' "
-                                 f"(this request has {len(files)})")
         # The client's file name is ignored: ids and paths are ours.
-        return files[0].get_payload(decode=True) or b""
+        try:
+            return multipart.form_field(body, content_type, "file")
+        except multipart.MalformedMultipart as error:
+            raise HTTPError(400, f"the multipart/form-data body is malformed: {error}") from None
+        except LookupError as error:
+            raise HTTPError(400, "send exactly one form field named 'file' "
+                                 f"(this request has {error.args[0]})") from None
 
     def upload(self, environ):
         body = self._read_body(environ)

@@ -19,11 +19,12 @@ Rendering follows what makes stock Pillow fast and correct:
 """
 
 import io
+import mmap
 import struct
 import warnings
 from dataclasses import dataclass
 
-from PIL import Image, ImageCms, UnidentifiedImageError
+from PIL import Image, ImageCms, PngImagePlugin, UnidentifiedImageError
 
 #: Magic bytes -> format name; the only way a format is identified (never
 #: the file name or the Content-Type a client sent).
@@ -52,6 +53,19 @@ _EXIF_ORIENTATION = 0x0112
 #: at least this many times its size; closer than that, resampling twice
 #: softens the result, so the decoded original is used instead.
 _DERIVE_RATIO = 2.0
+
+#: Scans (SOS markers) a JPEG may have. Progressive encoders write about
+#: ten; each scan is another pass over the whole image, so thousands let a
+#: few hundred KB hold a worker for its whole job_timeout.
+MAX_JPEG_SCANS = 100
+
+#: Comment bytes a GIF may carry. Pillow 9.4 (Debian 12) joins comment
+#: blocks with ``comment += block``: quadratic, minutes for 25 MB of them.
+MAX_GIF_COMMENT_BYTES = 64 << 10
+
+#: What all of a PNG's text chunks may inflate to (Pillow's default is 64 MB:
+#: 63 compressed zTXt chunks in a 66 KB file cost the API +65 MiB).
+PngImagePlugin.MAX_TEXT_MEMORY = 2 << 20
 
 #: Larger "profiles" are not parsed: real ones are kilobytes (a printer's a
 #: few hundred); the pixels are then taken as sRGB.
@@ -115,24 +129,86 @@ def sniff_format(data):
     return None
 
 
-def _open(source, limits):
-    """Open (not decode) the image -- bytes, or the path of a file -- and
-    check it against the limits."""
-    if isinstance(source, (bytes, bytearray)):
-        data, file = source, io.BytesIO(source)
-    else:
-        # A file is decoded as it is read: no copy of the whole upload in
-        # memory beside its pixels (a fifth of the peak at the pixel cap).
-        with open(source, "rb") as handle:
-            data = handle.read(16)
-        file = source
-    fmt = sniff_format(data)
+def _jpeg_scans(data):
+    """SOS markers, counted up to one past the cap. 0xFF in entropy-coded
+    data is always followed by 0x00 or a restart marker, so FF DA occurs
+    only as a marker (or inside an APPn segment, which only counts extra)."""
+    scans, position = 0, data.find(b"\xff\xda")
+    while position >= 0 and scans <= MAX_JPEG_SCANS:
+        scans += 1
+        position = data.find(b"\xff\xda", position + 2)
+    return scans
+
+
+def _gif_comment_bytes(data):
+    """The size of every comment extension in a GIF, walking its blocks
+    (each sub-block is at most 255 bytes, so this is linear in the file)."""
+    if len(data) < 13:
+        return 0
+    position = 13
+    if data[10] & 0x80:                        # a global colour table
+        position += 3 << ((data[10] & 7) + 1)
+    comments = 0
+    while position < len(data):
+        block = data[position]
+        if block == 0x3B:                      # trailer
+            break
+        if block == 0x21 and position + 1 < len(data):       # extension
+            label, position = data[position + 1], position + 2
+        elif block == 0x2C and position + 10 <= len(data):   # an image
+            flags = data[position + 9]
+            position += 10 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0) + 1
+            label = None
+        else:
+            break                              # damaged: Pillow will say so
+        while position < len(data) and data[position]:       # sub-blocks
+            if label == 0xFE:
+                comments += data[position]
+            position += data[position] + 1
+        position += 1
+    return comments
+
+
+def _check_structure(fmt, data):
+    """Refuse what Pillow would take unbounded time or memory to open or
+    decode, from the bytes alone (``data``: bytes or an mmap)."""
+    if fmt == "jpeg" and _jpeg_scans(data) > MAX_JPEG_SCANS:
+        raise BadImage(f"the jpeg has more than {MAX_JPEG_SCANS} scans (progressive "
+                       "JPEGs have about ten)")
+    if fmt == "gif":
+        comments = _gif_comment_bytes(data)
+        if comments > MAX_GIF_COMMENT_BYTES:
+            raise BadImage(f"the gif carries {comments} bytes of comments; at most "
+                           f"{MAX_GIF_COMMENT_BYTES} are accepted")
+
+
+def _accepted_format(head, limits):
+    fmt = sniff_format(head)
     if fmt is None:
         raise UnsupportedFormat("the data is not an image in a format imgworker knows "
                                 "(it accepts " + ", ".join(limits.formats) + ")")
     if fmt not in limits.formats:
         raise UnsupportedFormat(f"{fmt} images are not accepted here "
                                 "(accepted: " + ", ".join(limits.formats) + ")")
+    return fmt
+
+
+def _open(source, limits):
+    """Open (not decode) the image -- bytes, or the path of a file -- and
+    check it against the limits."""
+    if isinstance(source, (bytes, bytearray)):
+        fmt = _accepted_format(source, limits)
+        _check_structure(fmt, source)
+        file = io.BytesIO(source)
+    else:
+        # A file is decoded as it is read: no copy of the whole upload in
+        # memory beside its pixels (a fifth of the peak at the pixel cap).
+        with open(source, "rb") as handle:
+            fmt = _accepted_format(handle.read(16), limits)
+            if fmt in ("jpeg", "gif"):
+                with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
+                    _check_structure(fmt, mapped)
+        file = source
     try:
         image = Image.open(file, formats=[_PIL_FORMAT[fmt]])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

@@ -1,4 +1,5 @@
 import io
+import time
 
 import pytest
 from PIL import Image
@@ -239,3 +240,53 @@ def test_an_srgb_profile_is_applied_and_not_embedded_and_the_pixels_keep_their_c
     assert decoded(tagged).info.get("icc_profile") is None
     difference = [abs(a - b) for a, b in zip(decoded(tagged).tobytes(), decoded(plain).tobytes())]
     assert max(difference) <= 2     # sRGB to sRGB: only rounding
+
+
+# -- structures Pillow would spend unbounded time or memory on ------------------------
+
+def gif_with_comment(size):
+    return samples.encode(Image.new("P", (1, 1)), "GIF", comment=b"c" * size)
+
+
+def png_with_ztxt_chunks(count, inflated=1 << 20):
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    for i in range(count):
+        info.add_text(f"k{i}", "x" * inflated, zip=True)
+    return samples.encode(Image.new("RGB", (8, 8)), "PNG", pnginfo=info)
+
+
+def test_a_gif_with_megabytes_of_comments_is_refused_from_its_blocks_in_linear_time():
+    data = gif_with_comment(4 << 20)
+    started = time.process_time()
+    with pytest.raises(images.BadImage, match=r"carries 4194304 bytes of comments"):
+        images.identify(data, LIMITS)
+    assert time.process_time() - started < 1      # Pillow 9.4 alone: ~5 s
+    assert images.identify(gif_with_comment(1000), LIMITS).format == "gif"
+
+
+def test_a_jpeg_with_thousands_of_scans_is_refused_at_upload_and_at_render(tmp_path):
+    data = samples.many_scans_jpeg(2000)
+    with pytest.raises(images.BadImage, match="more than 100 scans"):
+        images.identify(data, LIMITS)
+    path = tmp_path / "original"
+    path.write_bytes(data)
+    with pytest.raises(images.BadImage, match="more than 100 scans"):
+        images.render(str(path), DEFAULT_RENDITIONS, LIMITS)
+    # An ordinary progressive JPEG is fine
+    progressive = samples.encode(samples.photo(320, 240), "JPEG", progressive=True)
+    assert images.identify(progressive, LIMITS).format == "jpeg"
+
+
+def test_png_text_chunks_cannot_inflate_past_a_few_megabytes():
+    import tracemalloc
+    data = png_with_ztxt_chunks(63)
+    assert len(data) < 100_000
+    tracemalloc.start()
+    try:
+        with pytest.raises(images.BadImage, match="Too much memory used in text chunks"):
+            images.identify(data, LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"identify peaked at {peak >> 20} MiB"    # was +65 MiB
