@@ -24,7 +24,7 @@ from .storage import Storage, StorageFull, new_job_id
 
 logger = logging.getLogger(__name__)
 
-_RENDITION_PATH = re.compile(r"^/renditions/([0-9a-f]{32})/([a-z0-9][a-z0-9_-]*)\.(jpg|png|webp)$")
+_RENDITION_PATH = re.compile(r"/renditions/([0-9a-f]{32})/([a-z0-9][a-z0-9_-]*)\.(jpg|png|webp)")
 _CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 _REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found",
             405: "Method Not Allowed", 413: "Content Too Large",
@@ -195,8 +195,10 @@ class Api:
         except broker.BrokerUnavailable as error:
             self.storage.forget_job(job_id)
             log.warning("refused with 503: %s", error)
-            raise self._unavailable(f"the job queue is unavailable ({error}); "
-                                    "nothing was stored, try again later") from None
+            # The broker's own words (addresses, error names) go to the log,
+            # not to the public.
+            raise self._unavailable("the job queue is unavailable; nothing was stored, "
+                                    "try again later") from None
         self.storage.clear_pending(job_id)
         log.info("accepted: %s %dx%d, %d bytes.", info.format, info.width, info.height, len(data))
         status_url = f"/jobs/{job_id}"
@@ -217,7 +219,7 @@ class Api:
 
     # -- GET /renditions/... --------------------------------------------------
     def rendition(self, environ, path, start_response):
-        match = _RENDITION_PATH.match(path)
+        match = _RENDITION_PATH.fullmatch(path)
         file = None
         if match:
             job_id, name, extension = match.groups()
@@ -245,5 +247,6 @@ class Api:
         try:
             self.publisher.check()
         except broker.BrokerUnavailable as error:
-            raise self._unavailable(f"the broker is unavailable: {error}") from None
+            logger.warning("Health check: the broker is unavailable: %s", error)
+            raise self._unavailable("the job queue is unavailable") from None
         return 200, [], {"status": "ok", "broker": "reachable"}

@@ -42,9 +42,25 @@ def _load_broker_config(args):
     return config
 
 
+def _prepare_storage(config):
+    """Create (or fix the modes of) the storage tree; a root this process
+    cannot write exits 78 -- under systemd that is a root outside the units'
+    ReadWritePaths=, which a restart will not change."""
+    from .storage import Storage
+    try:
+        Storage(config.storage.root).prepare()
+    except OSError as error:
+        print(f"imgworker: cannot use [storage] root = {config.storage.root}: {error.strerror}. "
+              "A root other than /var/lib/imgworker must also be in the units' ReadWritePaths= "
+              "(systemctl edit imgworker@.service imgworker-api.service imgworker-sweep.service) "
+              "and the nginx site's alias.", file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
 def cmd_api(args):
     from . import server
     config = _load_broker_config(args)
+    _prepare_storage(config)
     log.setup()
     server.run(config, Notifier())
     return 0
@@ -53,6 +69,7 @@ def cmd_api(args):
 def cmd_worker(args):
     from .worker import Worker
     config = _load_broker_config(args)
+    _prepare_storage(config)
     log.setup(instance=args.instance)
     return Worker(config, args.instance, Notifier()).run()
 
@@ -95,6 +112,17 @@ def cmd_check_config(args):
         return 0
     config = _load_broker_config(args)
     source = config.path or "built-in defaults (no config file found)"
+    # The unit files and the nginx site name the default root and address;
+    # they cannot read config.ini, so moving either is two edits.
+    defaults = configuration.from_dict({"broker": {"url": config.broker.url}})
+    if config.storage.root != defaults.storage.root:
+        print(f"note: [storage] root is {config.storage.root}: add it to ReadWritePaths= of the "
+              "units (systemctl edit imgworker@.service imgworker-api.service "
+              "imgworker-sweep.service) and set the nginx site's alias to its renditions/.",
+              file=sys.stderr)
+    if config.api.listen != defaults.api.listen:
+        print(f"note: [api] listen is {config.api.listen}: set the same address in the nginx "
+              "site's upstream (server ...).", file=sys.stderr)
     print(f"{source}: OK; renditions: " +
           ", ".join(f"{r.name} {r.width}x{r.height} {r.mode} {r.format}"
                     for r in config.renditions))

@@ -157,6 +157,12 @@ SCHEMA = {
         "job_timeout": Option("120", _seconds,
                               "Seconds one job may take to render; past that it fails for good, "
                               "so one input cannot hold a worker."),
+        "max_render_memory": Option("768", _positive_int,
+                                    "Mebibytes one render may use. An image whose decoding "
+                                    "needs more by its header (a huge WebP) is refused, with "
+                                    "422 at upload; the renderer process is held to this "
+                                    "(RLIMIT_DATA), so an image that needs more anyway fails "
+                                    "its job with that reason instead of meeting the OOM killer."),
         "stall_timeout": Option("300", _seconds,
                                 "Seconds a job may go without progress before the worker stops "
                                 "feeding the systemd watchdog, which then restarts it."),
@@ -172,8 +178,8 @@ DEFAULT_RENDITIONS = {
 
 RENDITION_MODES = ("fit", "fill")
 RENDITION_FORMATS = ("jpeg", "png", "webp")
-_RENDITION_NAME = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
-_RENDITION_VALUE = re.compile(r"^(\d+)x(\d+)\s+(\w+)\s+(\w+)\s+(\d+)$")
+_RENDITION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+_RENDITION_VALUE = re.compile(r"(\d+)x(\d+)\s+(\w+)\s+(\w+)\s+(\d+)")
 
 
 @dataclass(frozen=True)
@@ -192,9 +198,9 @@ class Rendition:
 
 
 def parse_rendition(name, raw):
-    if not _RENDITION_NAME.match(name):
+    if not _RENDITION_NAME.fullmatch(name):
         raise ValueError("a rendition name is lower-case letters, digits, '-' and '_'")
-    match = _RENDITION_VALUE.match(raw.strip().lower())
+    match = _RENDITION_VALUE.fullmatch(raw.strip().lower())
     if not match:
         raise ValueError("must be WIDTHxHEIGHT MODE FORMAT QUALITY, e.g. 1600x1600 fit jpeg 85")
     width, height, mode, fmt, quality = match.groups()

@@ -87,15 +87,25 @@ class BadImage(Exception):
     message is written for a person."""
 
 
+#: Bytes per pixel that decoding a WebP takes at its peak: libwebp's
+#: animation decoder keeps two RGBA canvases, and Pillow copies one (a
+#: 16383x3051 WebP of 90 bytes peaked at 781 MiB, 16.4 bytes per pixel).
+_WEBP_DECODE_BYTES_PER_PIXEL = 16
+#: What the renderer process holds besides pixels (the interpreter, Pillow).
+_RENDERER_BASE_BYTES = 64 << 20
+
+
 @dataclass(frozen=True)
 class Limits:
     formats: tuple
     max_pixels: int
     max_dimension: int
+    max_render_bytes: int = 768 << 20
 
     @classmethod
     def from_config(cls, config):
-        return cls(config.api.formats, config.api.max_pixels, config.api.max_dimension)
+        return cls(config.api.formats, config.api.max_pixels, config.api.max_dimension,
+                   config.worker.max_render_memory << 20)
 
 
 @dataclass(frozen=True)
@@ -228,6 +238,12 @@ def _open(source, limits):
     if width * height > limits.max_pixels:
         raise BadImage(f"the image is {width}x{height} = {width * height} pixels; "
                        f"at most {limits.max_pixels} are accepted")
+    decoding = width * height * _WEBP_DECODE_BYTES_PER_PIXEL + _RENDERER_BASE_BYTES
+    if fmt == "webp" and decoding > limits.max_render_bytes:
+        raise BadImage(f"decoding this {width}x{height} webp would take about "
+                       f"{decoding >> 20} MiB; at most "
+                       f"{limits.max_render_bytes >> 20} MiB are allowed "
+                       "([worker] max_render_memory)")
     return fmt, image
 
 
@@ -372,6 +388,9 @@ def render(source, renditions, limits, progress=lambda: None):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(f"the image has more than {limits.max_pixels} pixels") from None
+    except MemoryError:
+        raise BadImage(f"rendering it needs more than {limits.max_render_bytes >> 20} MiB "
+                       "([worker] max_render_memory)") from None
     except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as error:
         if isinstance(error, OSError) and error.errno is not None:
             raise   # the file could not be read (EIO, ...): not the image's fault
@@ -402,22 +421,28 @@ def _render(fmt, image, renditions, progress):
     # Animated GIF/WebP: the file is positioned on its first frame.
     image.load()
     progress()
+    # Resized in the source's orientation and turned upright only then: a
+    # transpose of the full-size image would be one more copy of its pixels
+    # (a 90-byte 16383x3051 WebP with orientation 6 needed 813 MiB).
     base = _normalise_mode(image)
-    if transpose is not None:
-        base = base.transpose(transpose)
 
-    made = []         # (scaled image, output) for deriving smaller ones
+    def in_source(size):
+        return (size[1], size[0]) if sideways else size
+
+    made = []         # scaled images, in source orientation, to derive smaller ones
     outputs = []
     for plan in plans:
+        target = in_source(plan.scaled)
         source = base
         for earlier in reversed(made):
-            if (earlier.width >= _DERIVE_RATIO * plan.scaled[0]
-                    and earlier.height >= _DERIVE_RATIO * plan.scaled[1]):
+            if (earlier.width >= _DERIVE_RATIO * target[0]
+                    and earlier.height >= _DERIVE_RATIO * target[1]):
                 source = earlier
                 break
-        scaled = _resize(source, plan.scaled)
+        scaled = _resize(source, target)
         made.append(scaled)
-        final = _crop_centre(scaled, plan.final)
+        upright = scaled.transpose(transpose) if transpose is not None else scaled
+        final = _crop_centre(upright, plan.final)
         outputs.append(Output(plan.rendition, _encode(to_srgb(final), plan.rendition),
                               *final.size))
         progress()

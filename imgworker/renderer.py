@@ -14,6 +14,7 @@ threaded process copies locks in whatever state they were in.
 
 import logging
 import multiprocessing
+import resource
 import signal
 import time
 
@@ -35,6 +36,11 @@ def _serve(connection, renditions, limits):
     # SIGTERM/SIGINT go to the worker, which decides when the child ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # Past [worker] max_render_memory an allocation fails (MemoryError: the
+    # job fails with that reason) before the cgroup's OOM killer would pick
+    # a process. RLIMIT_DATA counts the heap and anonymous mmaps, which is
+    # where decoders put pixels; the units allow setrlimit for this.
+    resource.setrlimit(resource.RLIMIT_DATA, (limits.max_render_bytes, limits.max_render_bytes))
     images.install_pillow_backstop(limits)
     while True:
         try:

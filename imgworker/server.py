@@ -9,7 +9,6 @@ from gunicorn.glogging import Logger as GunicornLogger
 
 from . import broker
 from .api import Api
-from .storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +85,6 @@ def wait_for_broker(config, notifier, should_stop=lambda: False):
 
 
 def run(config, notifier):
-    Storage(config.storage.root).prepare()
     wait_for_broker(config, notifier)
     logger.info("Broker reachable; starting the API on %s.", config.api.listen)
     ApiServer(config, notifier).run()

@@ -45,13 +45,20 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def write_atomically(path, data):
+#: Who may read what: originals and job records are the uploader's data
+#: (GPS included), for imgworker alone; renditions are public, and nginx
+#: (www-data) serves them from disk.
+_PRIVATE_DIR, _PUBLIC_DIR, _PUBLIC_FILE = 0o700, 0o755, 0o644
+
+
+def write_atomically(path, data, mode=None):
     """Write bytes to path durably: temp file in the same directory, fsync,
-    rename over path, fsync the directory so the rename itself survives."""
-    write_all_atomically(os.path.dirname(path), {os.path.basename(path): data})
+    rename over path, fsync the directory so the rename itself survives.
+    The file is 0600 (mkstemp's) unless ``mode`` says otherwise."""
+    write_all_atomically(os.path.dirname(path), {os.path.basename(path): data}, mode)
 
 
-def write_all_atomically(directory, files):
+def write_all_atomically(directory, files, mode=None):
     """write_atomically for several files ({name: bytes}) of one directory,
     with one fsync of the directory for all the renames (a job's three
     renditions: 5.0 ms of writing became 4.1 ms per 2 MP job)."""
@@ -64,7 +71,8 @@ def write_all_atomically(directory, files):
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
-            os.chmod(temps[name], 0o644)
+            if mode is not None:
+                os.chmod(temps[name], mode)
         for name, temp in list(temps.items()):
             os.rename(temp, os.path.join(directory, name))
             del temps[name]
@@ -104,9 +112,14 @@ class Storage:
         return os.path.join(self.root, "jobs", job_id + ".pending")
 
     def prepare(self):
-        """Create the directory tree (the API and workers both call this)."""
-        for part in ("originals", "renditions", "jobs"):
-            os.makedirs(os.path.join(self.root, part), exist_ok=True)
+        """Create the directory tree, or set its modes on one an older
+        version made world-readable (the API and workers both call this)."""
+        for part, mode in (("originals", _PRIVATE_DIR), ("jobs", _PRIVATE_DIR),
+                           ("renditions", _PUBLIC_DIR)):
+            path = os.path.join(self.root, part)
+            os.makedirs(path, mode, exist_ok=True)
+            if os.stat(path).st_mode & 0o777 != mode:
+                os.chmod(path, mode)
 
     # -- originals ---------------------------------------------------------
     def save_original(self, job_id, data):
@@ -120,7 +133,7 @@ class Storage:
         """Store a job's renditions, [(rendition, bytes)], all durably."""
         write_all_atomically(self.rendition_dir(job_id), {
             os.path.basename(self.rendition_path(job_id, rendition)): data
-            for rendition, data in outputs})
+            for rendition, data in outputs}, _PUBLIC_FILE)
 
     # -- job state ---------------------------------------------------------
     def read_job(self, job_id):

@@ -85,7 +85,6 @@ class Worker:
         """Consume until SIGTERM; returns the process exit status."""
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
-        self.storage.prepare()
         backoff = 1.0
         while not self._stop_requested:
             try:

@@ -141,3 +141,21 @@ def test_imgworker_submit_wait_prints_the_202_and_then_the_finished_job(pipeline
     job = json.loads(finished)
     assert job["state"] == "done"
     assert job["renditions"]["large"]["width"] == 1000
+
+
+def test_originals_and_job_records_are_private_and_renditions_public(pipeline):
+    # Given a job that is done
+    pipeline.start_api()
+    pipeline.start_worker()
+    job_id = pipeline.upload(samples.jpeg(400, 300)).json()["id"]
+    job = pipeline.wait_job(job_id)
+    assert job["state"] == "done"
+    mode = lambda *parts: os.stat(os.path.join(pipeline.root, *parts)).st_mode & 0o777  # noqa: E731
+    # Then no other local user can list or read originals and job records
+    # (GPS and all), while nginx (another user) can read every rendition
+    assert mode("originals") == mode("jobs") == 0o700
+    assert mode("originals", job_id) & 0o077 == 0
+    assert mode("jobs", job_id + ".json") & 0o077 == 0
+    assert mode("renditions") == mode("renditions", job_id) == 0o755
+    for rendition in job["renditions"].values():
+        assert mode(*rendition["url"].lstrip("/").split("/")) == 0o644
