@@ -17,6 +17,8 @@ import logging
 import os
 import re
 import threading
+from dataclasses import dataclass, field
+from http import HTTPStatus
 
 from . import broker, images, multipart
 from .log import JobLog
@@ -24,13 +26,26 @@ from .storage import Storage, StorageFull, new_job_id
 
 logger = logging.getLogger(__name__)
 
-_RENDITION_PATH = re.compile(r"/renditions/([0-9a-f]{32})/([a-z0-9][a-z0-9_-]*)\.(jpg|png|webp)")
 _CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
-_REASONS = {200: "OK", 202: "Accepted", 400: "Bad Request", 404: "Not Found",
-            405: "Method Not Allowed", 413: "Content Too Large",
-            415: "Unsupported Media Type", 422: "Unprocessable Content",
-            500: "Internal Server Error", 503: "Service Unavailable",
-            507: "Insufficient Storage"}
+
+#: path (matched whole) -> the methods it allows and the Api method answering;
+#: the pattern's groups are that method's arguments.
+_ROUTES = (
+    (re.compile(r"/upload"), ("POST",), "upload"),
+    (re.compile(r"/jobs/(.*)"), ("GET", "HEAD"), "job_status"),
+    (re.compile(r"/renditions/(.*)"), ("GET", "HEAD"), "rendition"),
+    (re.compile(r"/healthz"), ("GET", "HEAD"), "health"),
+)
+_RENDITION_FILE = re.compile(r"([0-9a-f]{32})/([a-z0-9][a-z0-9_-]*)\.(jpg|png|webp)")
+
+
+@dataclass
+class Response:
+    """What a handler answers: a JSON body, or an open file to stream."""
+    status: HTTPStatus
+    body: object = None               # a JSON-able value, or a binary file
+    headers: list = field(default_factory=list)
+    content_type: str = "application/json"
 
 
 def _chunks(file):
@@ -42,8 +57,34 @@ def _chunks(file):
 class HTTPError(Exception):
     def __init__(self, status, message, headers=()):
         super().__init__(message)
-        self.status = status
+        self.status = HTTPStatus(status)
         self.headers = list(headers)
+
+
+def _respond(environ, start_response, response):
+    """The one place a response is written: status line, common headers,
+    the body (none for HEAD)."""
+    status = response.status
+    if response.content_type == "application/json":
+        data = json.dumps(response.body).encode() + b"\n"
+        body, length = [data], len(data)
+        headers = [("Cache-Control", "no-store")]
+    else:
+        file = response.body
+        length = os.fstat(file.fileno()).st_size
+        wrapper = environ.get("wsgi.file_wrapper")
+        body, headers = (wrapper(file) if wrapper else _chunks(file)), []
+    start_response(f"{status.value} {status.phrase}", [
+        ("Content-Type", response.content_type),
+        ("Content-Length", str(length)),
+        *headers,
+        *response.headers,
+    ])
+    if environ["REQUEST_METHOD"] == "HEAD":
+        if response.content_type != "application/json":
+            response.body.close()
+        return [b""]
+    return body
 
 
 def _read_length(stream, length):
@@ -90,42 +131,28 @@ class Api:
         method = environ["REQUEST_METHOD"]
         path = environ.get("PATH_INFO", "")
         try:
-            if path == "/upload":
-                self._allow(method, "POST")
-                status, headers, body = self.upload(environ)
-            elif path.startswith("/jobs/"):
-                self._allow(method, "GET", "HEAD")
-                status, headers, body = self.job_status(path[len("/jobs/"):])
-            elif path.startswith("/renditions/"):
-                self._allow(method, "GET", "HEAD")
-                return self.rendition(environ, path, start_response)
-            elif path == "/healthz":
-                self._allow(method, "GET", "HEAD")
-                status, headers, body = self.health()
-            else:
-                raise HTTPError(404, f"no such resource: {path}")
+            response = self._route(environ, method, path)
         except HTTPError as error:
-            status, headers, body = error.status, error.headers, {"error": str(error)}
+            response = Response(error.status, {"error": str(error)}, error.headers)
         except Exception:
             logger.exception("Unexpected error answering %s %s.", method, path)
-            status, headers, body = 500, [], {"error": "internal error; see the API's log"}
-        data = json.dumps(body).encode() + b"\n"
-        start_response(f"{status} {_REASONS[status]}", [
-            ("Content-Type", "application/json"),
-            ("Content-Length", str(len(data))),
-            ("Cache-Control", "no-store"),
-            *headers,
-        ])
-        return [b"" if method == "HEAD" else data]
+            response = Response(HTTPStatus.INTERNAL_SERVER_ERROR,
+                                {"error": "internal error; see the API's log"})
+        return _respond(environ, start_response, response)
 
-    @staticmethod
-    def _allow(method, *allowed):
-        if method not in allowed:
-            raise HTTPError(405, f"{method} is not allowed here",
-                            [("Allow", ", ".join(allowed))])
+    def _route(self, environ, method, path):
+        for pattern, methods, handler in _ROUTES:
+            match = pattern.fullmatch(path)
+            if match:
+                if method not in methods:
+                    raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed here",
+                                    [("Allow", ", ".join(methods))])
+                return getattr(self, handler)(environ, *match.groups())
+        raise HTTPError(HTTPStatus.NOT_FOUND, f"no such resource: {path}")
 
     def _unavailable(self, reason):
-        return HTTPError(503, reason, [("Retry-After", str(self.config.api.retry_after))])
+        return HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, reason,
+                         [("Retry-After", str(self.config.api.retry_after))])
 
     # -- POST /upload -----------------------------------------------------------
     def _read_body(self, environ):
@@ -135,14 +162,14 @@ class Api:
             try:
                 length = int(declared)
             except ValueError:
-                raise HTTPError(400, "Content-Length is not a number") from None
+                raise HTTPError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
             if length > limit:
-                raise HTTPError(413, f"the upload is {length} bytes; at most {limit} are accepted")
+                raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the upload is {length} bytes; at most {limit} are accepted")
             body = _read_length(environ["wsgi.input"], length)
         else:  # chunked: read one byte past the limit to tell
             body = environ["wsgi.input"].read(limit + 1)
             if len(body) > limit:
-                raise HTTPError(413, f"the upload is over {limit} bytes")
+                raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the upload is over {limit} bytes")
         return body
 
     @staticmethod
@@ -151,9 +178,9 @@ class Api:
         try:
             return multipart.form_field(body, content_type, "file")
         except multipart.MalformedMultipart as error:
-            raise HTTPError(400, f"the multipart/form-data body is malformed: {error}") from None
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"the multipart/form-data body is malformed: {error}") from None
         except LookupError as error:
-            raise HTTPError(400, "send exactly one form field named 'file' "
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "send exactly one form field named 'file' "
                                  f"(this request has {error.args[0]})") from None
 
     def upload(self, environ):
@@ -164,14 +191,14 @@ class Api:
         else:  # the raw image bytes; the Content-Type header is not trusted
             data = body
         if not data:
-            raise HTTPError(400, "no image: send the bytes as the body, or as a "
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "no image: send the bytes as the body, or as a "
                                  "multipart/form-data field named 'file'")
         try:
             info = images.identify(data, self.limits)
         except images.UnsupportedFormat as error:
-            raise HTTPError(415, str(error)) from None
+            raise HTTPError(HTTPStatus.UNSUPPORTED_MEDIA_TYPE, str(error)) from None
         except images.BadImage as error:
-            raise HTTPError(422, str(error)) from None
+            raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, str(error)) from None
 
         job_id = new_job_id()
         log = JobLog(logger, job_id)
@@ -188,7 +215,7 @@ class Api:
         except StorageFull as error:
             self.storage.forget_job(job_id)
             log.error("refused: %s", error)
-            raise HTTPError(507, "the server's image storage is full; try again later",
+            raise HTTPError(HTTPStatus.INSUFFICIENT_STORAGE, "the server's image storage is full; try again later",
                             [("Retry-After", str(self.config.api.retry_after))]) from None
         try:
             self.publisher.publish(job_id, broker.job_message(job_id, info.format))
@@ -202,25 +229,25 @@ class Api:
         self.storage.clear_pending(job_id)
         log.info("accepted: %s %dx%d, %d bytes.", info.format, info.width, info.height, len(data))
         status_url = f"/jobs/{job_id}"
-        return 202, [("Location", status_url)], {"id": job_id, "status_url": status_url}
+        return Response(HTTPStatus.ACCEPTED, {"id": job_id, "status_url": status_url},
+                        [("Location", status_url)])
 
     # -- GET /jobs/<id> -------------------------------------------------------
-    def job_status(self, job_id):
+    def job_status(self, _environ, job_id):
         job = self.storage.read_job(job_id)
         if job is None:
-            raise HTTPError(404, f"no job with id {job_id!r}")
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no job with id {job_id!r}")
         view = {key: job[key] for key in ("id", "state", "attempts", "original", "updated_at")
                 if key in job}
         if job["state"] == "done":
             view["renditions"] = job["renditions"]
         if job["state"] == "failed":
             view["error"] = job["error"]
-        return 200, [], view
+        return Response(HTTPStatus.OK, view)
 
     # -- GET /renditions/... --------------------------------------------------
-    def rendition(self, environ, path, start_response):
-        match = _RENDITION_PATH.fullmatch(path)
-        file = None
+    def rendition(self, _environ, path):
+        match = _RENDITION_FILE.fullmatch(path)
         if match:
             job_id, name, extension = match.groups()
             try:
@@ -228,25 +255,15 @@ class Api:
                                          f"{name}.{extension}"), "rb")
             except FileNotFoundError:
                 pass
-        if file is None:
-            data = json.dumps({"error": f"no such rendition: {path}"}).encode() + b"\n"
-            start_response("404 Not Found", [("Content-Type", "application/json"),
-                                             ("Content-Length", str(len(data)))])
-            return [data]
-        size = os.fstat(file.fileno()).st_size
-        start_response("200 OK", [("Content-Type", _CONTENT_TYPES[match.group(3)]),
-                                  ("Content-Length", str(size))])
-        if environ["REQUEST_METHOD"] == "HEAD":
-            file.close()
-            return [b""]
-        wrapper = environ.get("wsgi.file_wrapper")
-        return wrapper(file) if wrapper else _chunks(file)
+            else:
+                return Response(HTTPStatus.OK, file, content_type=_CONTENT_TYPES[extension])
+        raise HTTPError(HTTPStatus.NOT_FOUND, f"no such rendition: /renditions/{path}")
 
     # -- GET /healthz -----------------------------------------------------------
-    def health(self):
+    def health(self, _environ):
         try:
             self.publisher.check()
         except broker.BrokerUnavailable as error:
             logger.warning("Health check: the broker is unavailable: %s", error)
             raise self._unavailable("the job queue is unavailable") from None
-        return 200, [], {"status": "ok", "broker": "reachable"}
+        return Response(HTTPStatus.OK, {"status": "ok", "broker": "reachable"})

@@ -11,7 +11,7 @@ Rendering follows what makes stock Pillow fast and correct:
 - an exact integer step is a box average (``reduce()``); any other step is
   BILINEAR, with ``reducing_gap`` for large factors. Against LANCZOS from
   the full-size image, this costs at most 0.2 dB PSNR on the standard job
-  and takes 40% less time (bench/results/results.md, "Renditions engine");
+  and is faster (bench/results/results.md, "Renditions engine");
 - EXIF orientation is applied, and no metadata (EXIF, GPS, XMP, ICC) is
   ever written to an output: an upload's ICC profile is used to convert its
   pixels to sRGB, the web's default, and is never copied (a client could

@@ -70,10 +70,6 @@ class Renderer:
         self._process = None
         self._connection = None
 
-    @property
-    def pid(self):
-        return self._process.pid if self._process is not None else None
-
     def _start(self):
         parent, child = self._context.Pipe()
         self._process = self._context.Process(

@@ -125,10 +125,6 @@ class Storage:
     def save_original(self, job_id, data):
         write_atomically(self.original_path(job_id), data)
 
-    def read_original(self, job_id):
-        with open(self.original_path(job_id), "rb") as handle:
-            return handle.read()
-
     def write_renditions(self, job_id, outputs):
         """Store a job's renditions, [(rendition, bytes)], all durably."""
         write_all_atomically(self.rendition_dir(job_id), {

@@ -9,9 +9,11 @@ import time
 
 import requests
 
+from imgworker import config
 from tests.faults.ledger import Ledger
 
-LIMIT = 25 * 1024 * 1024          # client_max_body_size 25m
+#: client_max_body_size, equal to the API's (tests/test_shipped_files.py)
+LIMIT = config.from_dict({}).api.max_upload_bytes
 BODY_TIMEOUT = 30                 # client_body_timeout 30s
 
 
