@@ -16,6 +16,7 @@ import uuid
 
 import requests
 
+from imgworker.job import State, record_path
 from tests.harness import Pipeline
 
 from . import engine, stats
@@ -56,14 +57,13 @@ def drain(workdir, amqp_url, photo, jobs, workers):
         deadline = time.monotonic() + 60 + jobs * 2
         waiting = list(ids)          # checked oldest first, each until it is done
         while waiting and time.monotonic() < deadline:
-            while waiting and (pipeline.read_job(waiting[0]) or {}).get("state") == "done":
+            while waiting and getattr(pipeline.read_job(waiting[0]), "state", None) is State.DONE:
                 waiting.pop(0)
             time.sleep(0.2)
         if waiting:
             raise RuntimeError(f"{workers} workers did not drain {jobs} jobs")
-        started = min(pipeline.read_job(job_id)["started_at"] for job_id in ids)
-        finished = max(os.stat(os.path.join(pipeline.root, "jobs", job_id + ".json")).st_mtime
-                       for job_id in ids)
+        started = min(pipeline.read_job(job_id).started_at for job_id in ids)
+        finished = max(os.stat(record_path(pipeline.root, job_id)).st_mtime for job_id in ids)
         return jobs / (finished - started)
     finally:
         pipeline.close()
@@ -82,7 +82,7 @@ def latency(workdir, amqp_url, photo, uploads):
             started = time.perf_counter()
             job_id = requests.post(nginx.base_url + "/upload", data=photo, timeout=30,
                                    headers={"Content-Type": "image/jpeg"}).json()["id"]
-            path = os.path.join(pipeline.root, "jobs", job_id + ".json")
+            path = record_path(pipeline.root, job_id)
             while True:
                 try:
                     with open(path) as handle:

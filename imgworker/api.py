@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from http import HTTPStatus
 
 from . import broker, images, multipart
+from .job import Job
 from .log import JobLog
 from .storage import Storage, StorageFull, new_job_id
 
@@ -202,9 +203,7 @@ class Api:
 
         job_id = new_job_id()
         log = JobLog(logger, job_id)
-        job = {"id": job_id, "state": "queued", "attempts": 0,
-               "original": {"format": info.format, "width": info.width,
-                            "height": info.height, "bytes": len(data)}}
+        job = Job.accepted(job_id, info.format, info.width, info.height, len(data))
         try:
             # Pending until confirmed: if this process dies before the
             # confirm, `imgworker sweep` queues the job (or drops the upload).
@@ -237,13 +236,7 @@ class Api:
         job = self.storage.read_job(job_id)
         if job is None:
             raise HTTPError(HTTPStatus.NOT_FOUND, f"no job with id {job_id!r}")
-        view = {key: job[key] for key in ("id", "state", "attempts", "original", "updated_at")
-                if key in job}
-        if job["state"] == "done":
-            view["renditions"] = job["renditions"]
-        if job["state"] == "failed":
-            view["error"] = job["error"]
-        return Response(HTTPStatus.OK, view)
+        return Response(HTTPStatus.OK, job.view())
 
     # -- GET /renditions/... --------------------------------------------------
     def rendition(self, _environ, path):

@@ -3,7 +3,7 @@ crash at any instant leaves either the old file or the new one, never half.
 
     ROOT/originals/<id>             the upload, as received
     ROOT/renditions/<id>/<name>.<ext>  the outputs; nginx serves this tree
-    ROOT/jobs/<id>.json             the job's state, the only datastore
+    ROOT/jobs/<id>.json             the job's record (job.py), the only datastore
     ROOT/jobs/<id>.pending          upload stored, broker not yet confirmed
 
 Paths are a pure function of the job id and rendition, so a redelivered job
@@ -11,17 +11,16 @@ overwrites its own files instead of adding new ones.
 """
 
 import errno
-import json
 import os
 import re
 import tempfile
 import time
 import uuid
 
+from . import job as jobs
+
 #: Job ids are generated here, never taken from a client: 32 hex digits.
 _JOB_ID = re.compile(r"[0-9a-f]{32}")
-
-STATES = ("queued", "processing", "done", "failed")
 
 
 class StorageFull(Exception):
@@ -106,7 +105,7 @@ class Storage:
         return f"/renditions/{job_id}/{rendition.name}.{rendition.extension}"
 
     def _job_path(self, job_id):
-        return os.path.join(self.root, "jobs", job_id + ".json")
+        return jobs.record_path(self.root, job_id)
 
     def _pending_path(self, job_id):
         return os.path.join(self.root, "jobs", job_id + ".pending")
@@ -133,20 +132,11 @@ class Storage:
 
     # -- job state ---------------------------------------------------------
     def read_job(self, job_id):
-        """The job's state as a dict, or None for an unknown id."""
-        if not is_job_id(job_id):
-            return None
-        try:
-            with open(self._job_path(job_id), encoding="utf-8") as handle:
-                return json.load(handle)
-        except FileNotFoundError:
-            return None
+        """The job's record (a job.Job), or None for an unknown id."""
+        return jobs.read(self.root, job_id) if is_job_id(job_id) else None
 
     def write_job(self, job):
-        assert job["state"] in STATES, job["state"]
-        job["updated_at"] = time.time()
-        data = json.dumps(job, sort_keys=True, indent=1).encode()
-        write_atomically(self._job_path(job["id"]), data)
+        write_atomically(self._job_path(job.id), job.to_json())
 
     def forget_job(self, job_id):
         """Remove an upload the broker never accepted (the client got 503)."""

@@ -17,6 +17,7 @@ older than [api] requeue_after:
 import logging
 
 from . import broker
+from .job import State
 from .log import JobLog
 from .storage import Storage
 
@@ -45,9 +46,9 @@ def sweep(config, older_than=None):
                 storage.forget_job(job_id)
                 dropped += 1
                 continue
-            if job["state"] == "queued":
+            if job.state is State.QUEUED:
                 publisher = publisher or broker.Publisher(config)
-                publisher.publish(job_id, broker.job_message(job_id, job["original"]["format"]))
+                publisher.publish(job_id, broker.job_message(job_id, job.original["format"]))
                 log.warning("queued again: its upload was stored but the API stopped "
                             "before the broker confirmed it.")
                 requeued += 1

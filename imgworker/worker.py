@@ -33,6 +33,7 @@ import pika
 import pika.exceptions
 
 from . import broker, images
+from .job import State
 from .log import JobLog
 from .renderer import Renderer, RenderTimeout
 from .storage import Storage, StorageFull, is_job_id
@@ -246,24 +247,23 @@ class Worker:
             return _Ack.ACK
         # The message exists, so the sweep need not queue this job again.
         self.storage.clear_pending(job_id)
-        if job["state"] in ("done", "failed"):
+        if job.state.finished:
             # Finished before, but the ack was lost (crash, broker restart).
-            log.info("already %s; acknowledging the redelivery.", job["state"])
-            return _Ack.ACK if job["state"] == "done" else _Ack.DEAD_LETTER
+            log.info("already %s; acknowledging the redelivery.", job.state.value)
+            return _Ack.ACK if job.state is State.DONE else _Ack.DEAD_LETTER
 
-        attempts = job.get("attempts", 0) + 1
+        attempts = job.attempts + 1
         max_attempts = self.config.worker.max_attempts
         if attempts > max_attempts:
             reason = (f"gave up after {max_attempts} attempts; the last one ended "
                       f"without a result (did the worker crash?)"
-                      + (f"; earlier: {job['last_error']}" if job.get("last_error") else ""))
+                      + (f"; earlier: {job.last_error}" if job.last_error else ""))
             return self._fail(job, log, reason)
 
         self._current_job, self._progress_at = job_id, time.monotonic()
         self.notifier.status(f"Processing job {job_id} (attempt {attempts}).")
         try:
-            job.update(state="processing", attempts=attempts, worker=self.instance,
-                       started_at=time.time())
+            job.start(self.instance)
             if not self._when_space(log, lambda: self.storage.write_job(job)):
                 return _Ack.REQUEUE
             log.info("processing (attempt %d of %d%s).", attempts, max_attempts,
@@ -278,8 +278,7 @@ class Worker:
                     "width": output.width, "height": output.height,
                     "format": output.rendition.format, "bytes": len(output.data),
                 } for output in outputs}
-            job.update(state="done", renditions=renditions, error=None,
-                       seconds=round(time.monotonic() - started, 3))
+            job.finish(renditions, round(time.monotonic() - started, 3))
 
             def write_results():
                 self.storage.write_renditions(
@@ -333,7 +332,7 @@ class Worker:
     def _fail(self, job, log, reason):
         log.error("failed: %s", reason)
         self.jobs_failed += 1
-        job.update(state="failed", error=reason)
+        job.fail(reason)
         try:
             self.storage.write_job(job)
         except (OSError, StorageFull) as error:
@@ -347,7 +346,7 @@ class Worker:
             return self._fail(job, log, f"gave up after {attempts} attempts: {reason}")
         log.warning("attempt %d failed (%s); handing it back in %g s.",
                     attempts, reason, self.config.worker.retry_delay, exc_info=True)
-        job.update(state="queued", last_error=reason)
+        job.requeue(reason)
         try:
             self.storage.write_job(job)
         except (OSError, StorageFull):

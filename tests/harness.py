@@ -19,6 +19,7 @@ import pika
 import requests
 
 from imgworker import config
+from imgworker import job as jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AMQP_URL = os.environ.get("IMGWORKER_TEST_AMQP_URL", "amqp://guest:guest@localhost:5672/%2F")
@@ -290,12 +291,8 @@ class Pipeline:
                              + "\n".join(s.log() for s in self.services))
 
     def read_job(self, job_id):
-        """The job's state straight from disk (works with the API down)."""
-        try:
-            with open(os.path.join(self.root, "jobs", job_id + ".json")) as handle:
-                return json.load(handle)
-        except FileNotFoundError:
-            return None
+        """The job's record (a job.Job) straight from disk (works with the API down)."""
+        return jobs.read(self.root, job_id)
 
     @property
     def renditions(self):

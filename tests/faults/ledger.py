@@ -35,6 +35,7 @@ from dataclasses import asdict, dataclass, field
 
 from PIL import Image
 
+from imgworker import job as jobs
 from tests import samples
 
 #: Every scenario's results, printed as one table at the end of the run.
@@ -102,11 +103,7 @@ class Ledger:
         return os.listdir(renditions) if os.path.isdir(renditions) else []
 
     def read_job(self, job_id):
-        try:
-            with open(os.path.join(self.root, "jobs", job_id + ".json")) as handle:
-                return json.load(handle)
-        except (FileNotFoundError, ValueError):
-            return None
+        return jobs.read(self.root, job_id)
 
     def run_load(self, count, per_second, stop=None):
         """Upload ``count`` photos at about ``per_second`` from a thread;
@@ -129,7 +126,7 @@ class Ledger:
         pending = list(self.accepted)
         while pending and time.monotonic() < deadline:
             pending = [job_id for job_id in pending
-                       if (self.read_job(job_id) or {}).get("state") not in ("done", "failed")]
+                       if not getattr(self.read_job(job_id), "state", jobs.State.QUEUED).finished]
             if pending:
                 time.sleep(0.2)
         return pending
@@ -141,19 +138,18 @@ class Ledger:
         c.accepted = len(self.accepted)
         wanted = self.rendition_names
         for job_id in self.accepted:
-            job = self.read_job(job_id) or {}
-            state = job.get("state")
-            if job.get("attempts", 0) > 1:
+            job = self.read_job(job_id)
+            if job is not None and job.attempts > 1:
                 c.duplicated += 1
-            if state == "failed":
+            if job is not None and job.state is jobs.State.FAILED:
                 c.failed += 1
                 continue
-            if state != "done":
+            if job is None or job.state is not jobs.State.DONE:
                 c.lost += 1
-                c.notes.append(f"lost {job_id}: {state}")
+                c.notes.append(f"lost {job_id}: {job.state.value if job else 'no record'}")
                 continue
             c.done += 1
-            for name, rendition in job["renditions"].items():
+            for name, rendition in job.renditions.items():
                 path = os.path.join(self.root, rendition["url"].lstrip("/"))
                 try:
                     with open(path, "rb") as handle:
@@ -164,7 +160,7 @@ class Ledger:
                 except Exception as error:  # noqa: BLE001 - any failure is corruption
                     c.corrupt += 1
                     c.notes.append(f"corrupt {path}: {error}")
-            missing = set(wanted) - set(job["renditions"])
+            missing = set(wanted) - set(job.renditions)
             if missing:
                 c.lost += 1
                 c.notes.append(f"lost {job_id}: no {sorted(missing)}")

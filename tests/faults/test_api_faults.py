@@ -7,6 +7,7 @@ import sys
 import threading
 import time
 
+from imgworker.job import Job
 from imgworker.storage import Storage, new_job_id
 from tests import samples
 from tests.faults.ledger import Ledger
@@ -32,8 +33,7 @@ def test_the_sweep_queues_an_upload_the_api_died_on_and_drops_one_never_accepted
     stranded = new_job_id()
     storage.mark_pending(stranded)
     storage.save_original(stranded, samples.jpeg(640, 480))
-    storage.write_job({"id": stranded, "state": "queued", "attempts": 0,
-                       "original": {"format": "jpeg", "width": 640, "height": 480, "bytes": 1}})
+    storage.write_job(Job.accepted(stranded, "jpeg", 640, 480, 1))
     # ...and what one killed before it wrote the job's state leaves
     never_accepted = new_job_id()
     storage.save_original(never_accepted, samples.jpeg(64, 64))

@@ -63,7 +63,7 @@ def test_a_full_disk_refuses_uploads_with_507_pauses_workers_and_resumes_when_sp
         time.sleep(0.2)
     assert "waiting: no space left" in worker.log()
     for job_id in ledger.accepted:
-        assert pipeline.read_job(job_id)["state"] in ("queued", "processing")
+        assert pipeline.read_job(job_id).state.value in ("queued", "processing")
         directory = os.path.join(small_disk, "renditions", job_id)
         for name in os.listdir(directory) if os.path.isdir(directory) else ():
             # whatever a rename made visible is whole; temp files are never served

@@ -17,12 +17,13 @@ host by tests/integration/test_worker.py.
 """
 
 import argparse
-import json
 import os
 import signal
 import subprocess
 import sys
 import time
+
+from imgworker import job as jobs     # the package installed in the container
 
 MARK = b"imgworker-e2e-poison"
 ROOT = "/var/lib/imgworker"
@@ -56,17 +57,15 @@ def main():
                 poison.add(name)
                 print(f"poison job {name}", flush=True)
         for job_id in poison:
-            try:
-                with open(os.path.join(ROOT, "jobs", job_id + ".json")) as state:
-                    job = json.load(state)
-            except (FileNotFoundError, ValueError):
+            job = jobs.read(ROOT, job_id)
+            if job is None:
                 continue
-            if job["state"] == "failed":
-                print(f"job {job_id} failed: {job.get('error')}", flush=True)
+            if job.state is jobs.State.FAILED:
+                print(f"job {job_id} failed: {job.error}", flush=True)
                 return 0
-            attempt = job.get("attempts", 0)
-            if job["state"] == "processing" and attempt > killed_attempt.get(job_id, 0):
-                pid = main_pid(job["worker"])
+            attempt = job.attempts
+            if job.state is jobs.State.PROCESSING and attempt > killed_attempt.get(job_id, 0):
+                pid = main_pid(job.worker)
                 if pid <= 1:        # between restarts; never kill(0), our own group
                     continue
                 os.kill(pid, signal.SIGKILL)
