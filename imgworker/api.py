@@ -20,10 +20,8 @@ import threading
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-from . import broker, images, multipart
-from .job import Job
-from .log import JobLog
-from .storage import Storage, StorageFull, new_job_id
+from . import broker, images, ingest, multipart
+from .storage import Storage, StorageFull
 
 logger = logging.getLogger(__name__)
 
@@ -201,32 +199,17 @@ class Api:
         except images.BadImage as error:
             raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, str(error)) from None
 
-        job_id = new_job_id()
-        log = JobLog(logger, job_id)
-        job = Job.accepted(job_id, info.format, info.width, info.height, len(data))
         try:
-            # Pending until confirmed: if this process dies before the
-            # confirm, `imgworker sweep` queues the job (or drops the upload).
-            self.storage.mark_pending(job_id)
-            self.storage.save_original(job_id, data)
-            # State first: a worker may pick the job up before publish returns.
-            self.storage.write_job(job)
-        except StorageFull as error:
-            self.storage.forget_job(job_id)
-            log.error("refused: %s", error)
-            raise HTTPError(HTTPStatus.INSUFFICIENT_STORAGE, "the server's image storage is full; try again later",
+            job_id = ingest.accept(self.storage, self.publisher, data, info)
+        except StorageFull:
+            raise HTTPError(HTTPStatus.INSUFFICIENT_STORAGE,
+                            "the server's image storage is full; try again later",
                             [("Retry-After", str(self.config.api.retry_after))]) from None
-        try:
-            self.publisher.publish(job_id, broker.job_message(job_id, info.format))
-        except broker.BrokerUnavailable as error:
-            self.storage.forget_job(job_id)
-            log.warning("refused with 503: %s", error)
-            # The broker's own words (addresses, error names) go to the log,
-            # not to the public.
+        except broker.BrokerUnavailable:
+            # The broker's own words (addresses, error names) went to the
+            # log, not to the public.
             raise self._unavailable("the job queue is unavailable; nothing was stored, "
                                     "try again later") from None
-        self.storage.clear_pending(job_id)
-        log.info("accepted: %s %dx%d, %d bytes.", info.format, info.width, info.height, len(data))
         status_url = f"/jobs/{job_id}"
         return Response(HTTPStatus.ACCEPTED, {"id": job_id, "status_url": status_url},
                         [("Location", status_url)])

@@ -76,11 +76,11 @@ def cmd_worker(args):
 
 def cmd_sweep(args):
     from . import broker
-    from .sweep import sweep
+    from .ingest import recover
     config = _load_broker_config(args)
     log.setup()
     try:
-        requeued, unmarked, dropped = sweep(config, args.older_than)
+        requeued, unmarked, dropped = recover(config, args.older_than)
     except broker.BrokerUnavailable as error:
         logger.error("Sweep stopped: %s. The next run tries again.", error)
         return 1

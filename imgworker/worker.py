@@ -32,7 +32,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pika
 import pika.exceptions
 
-from . import broker, images
+from . import broker, images, ingest
 from .job import State
 from .log import JobLog
 from .renderer import Renderer, RenderTimeout
@@ -245,8 +245,7 @@ class Worker:
             log.warning("dropped: no such job in %s (its upload was refused).",
                         self.storage.root)
             return _Ack.ACK
-        # The message exists, so the sweep need not queue this job again.
-        self.storage.clear_pending(job_id)
+        ingest.delivered(self.storage, job_id)
         if job.state.finished:
             # Finished before, but the ack was lost (crash, broker restart).
             log.info("already %s; acknowledging the redelivery.", job.state.value)
