@@ -1,0 +1,209 @@
+"""The job policy: given one delivery, what happens to its job -- which
+record and files are written, and how the delivery is to be settled. It
+knows nothing of AMQP, threads or systemd (worker.py, the consumer, does
+that), so each outcome can be tested on its own: tests/test_policy.py.
+
+- a message that is not a job, or a bug met on the way: dead-lettered;
+- an unknown job (its upload was refused after all): acknowledged;
+- a finished job redelivered (its ack was lost): settled as it ended;
+- each delivery counts an attempt in the record *before* work starts, so a
+  job that kills its worker every time is failed after ``max_attempts``;
+- undecodable or over-limit images and renders over ``job_timeout`` fail at
+  once; anything else (I/O errors, a renderer that died) is retried after
+  ``retry_delay``, until ``max_attempts``;
+- a full disk is the host's problem, not the job's: the policy waits for
+  space with the job in hand and its attempts untouched.
+"""
+
+import enum
+import json
+import logging
+import os
+import time
+
+from . import images, ingest
+from .job import State
+from .log import JobLog
+from .renderer import RenderTimeout
+from .storage import StorageFull, is_job_id
+
+logger = logging.getLogger(__name__)
+
+#: How often a wait (retry_delay, a full disk) looks at the stop flag.
+_TICK = 0.5
+
+
+class Decision(enum.Enum):
+    """How the consumer settles the delivery."""
+    ACK = "ack"                  # done (or nothing left to do)
+    DEAD_LETTER = "dead-letter"  # failed for good: reject without requeue
+    REQUEUE = "requeue"          # transient failure, or stopping: hand it back
+
+
+class JobPolicy:
+    """One worker's handling of jobs, one at a time.
+
+    ``render(path, progress)`` makes the outputs (the renderer child);
+    ``progress()`` is called at every step and during waits (the watchdog
+    listens); ``status(text)`` says what is going on (sd_notify STATUS=);
+    ``stopping()`` is true once the worker was asked to stop.
+    """
+
+    def __init__(self, config, instance, storage, render, progress=lambda: None,
+                 status=lambda text: None, stopping=lambda: False):
+        self.config = config
+        self.instance = instance
+        self.storage = storage
+        self._render = render
+        self._progress = progress
+        self._status = status
+        self._stopping = stopping
+        self.current_job = None     # id of the job in hand
+        self.jobs_done = 0
+        self.jobs_failed = 0
+
+    def idle_status(self):
+        return f"Waiting for jobs; {self.jobs_done} done, {self.jobs_failed} failed."
+
+    def handle(self, body, redelivered=False):
+        """Process one delivery; returns a Decision. Never raises: an
+        exception here would leave the delivery unsettled, and with prefetch
+        1 the worker would wait for it forever while feeding the watchdog."""
+        try:
+            message = json.loads(body)
+        except ValueError:
+            message = None
+        job_id = message.get("id") if isinstance(message, dict) else None
+        if not is_job_id(job_id):
+            logger.error("Dead-lettering a message that is not an imgworker job "
+                         "(not a JSON object with a 32-hex-digit id): %r", body[:200])
+            return Decision.DEAD_LETTER
+        try:
+            return self._handle_job(job_id, redelivered)
+        except Exception:  # noqa: BLE001 - a bug must not stall the worker
+            logger.exception("Dead-lettering job %s after an unexpected error.", job_id)
+            return Decision.DEAD_LETTER
+
+    def _handle_job(self, job_id, redelivered):
+        log = JobLog(logger, job_id)
+        job = self.storage.read_job(job_id)
+        if job is None:
+            # The API removes state and original when the broker did not
+            # confirm (the client got 503), so there is nothing to do.
+            log.warning("dropped: no such job in %s (its upload was refused).",
+                        self.storage.root)
+            return Decision.ACK
+        ingest.delivered(self.storage, job_id)
+        if job.state.finished:
+            # Finished before, but the ack was lost (crash, broker restart).
+            log.info("already %s; acknowledging the redelivery.", job.state.value)
+            return Decision.ACK if job.state is State.DONE else Decision.DEAD_LETTER
+
+        attempts = job.attempts + 1
+        max_attempts = self.config.worker.max_attempts
+        if attempts > max_attempts:
+            reason = (f"gave up after {max_attempts} attempts; the last one ended "
+                      f"without a result (did the worker crash?)"
+                      + (f"; earlier: {job.last_error}" if job.last_error else ""))
+            return self._fail(job, log, reason)
+
+        self.current_job = job_id
+        self._progress()
+        self._status(f"Processing job {job_id} (attempt {attempts}).")
+        try:
+            job.start(self.instance)
+            if not self._when_space(log, lambda: self.storage.write_job(job)):
+                return Decision.REQUEUE
+            log.info("processing (attempt %d of %d%s).", attempts, max_attempts,
+                     ", redelivered" if redelivered else "")
+            started = time.monotonic()
+            original = self.storage.original_path(job_id)
+            os.stat(original)   # a missing original fails the job (below), not the renderer
+            outputs = self._render(original, self._progress)
+            renditions = {
+                output.rendition.name: {
+                    "url": self.storage.rendition_url(job_id, output.rendition),
+                    "width": output.width, "height": output.height,
+                    "format": output.rendition.format, "bytes": len(output.data),
+                } for output in outputs}
+            job.finish(renditions, round(time.monotonic() - started, 3))
+
+            def write_results():
+                self.storage.write_renditions(
+                    job_id, [(output.rendition, output.data) for output in outputs])
+                self.storage.write_job(job)
+            if not self._when_space(log, write_results):
+                return Decision.REQUEUE
+            self.jobs_done += 1
+            log.info("done in %.0f ms: %s.", 1000 * (time.monotonic() - started),
+                     ", ".join(f"{name} {r['width']}x{r['height']}"
+                               for name, r in renditions.items()))
+            return Decision.ACK
+        except (images.BadImage, images.UnsupportedFormat) as error:
+            return self._fail(job, log, f"the image cannot be processed: {error}")
+        except RenderTimeout as error:
+            return self._fail(job, log, str(error))
+        except FileNotFoundError as error:
+            if error.filename == self.storage.original_path(job_id):
+                return self._fail(job, log, "the uploaded original is missing from storage")
+            return self._retry(job, log, attempts, error)
+        except Exception as error:  # noqa: BLE001 - bounded by max_attempts
+            return self._retry(job, log, attempts, error)
+        finally:
+            self.current_job = None
+            self._status(self.idle_status())
+
+    def _when_space(self, log, write):
+        """Run ``write``; while storage is full, wait for space instead of
+        spending the job's attempts on it (a full disk is the host's problem,
+        not the job's). False if the worker is asked to stop meanwhile."""
+        waiting = False
+        while True:
+            try:
+                write()
+                if waiting:
+                    log.info("storage has space again; carrying on.")
+                return True
+            except StorageFull as error:
+                if not waiting:
+                    log.error("waiting: %s. Free space below %s; the job resumes by itself.",
+                              error, self.storage.root)
+                    self._status(f"Waiting for space below {self.storage.root}.")
+                    waiting = True
+            if not self._pause(self.config.worker.retry_delay):
+                return False
+
+    def _fail(self, job, log, reason):
+        log.error("failed: %s", reason)
+        self.jobs_failed += 1
+        job.fail(reason)
+        try:
+            self.storage.write_job(job)
+        except (OSError, StorageFull) as error:
+            log.error("could not record the failure (%s); it is dead-lettered all the same.",
+                      error)
+        return Decision.DEAD_LETTER
+
+    def _retry(self, job, log, attempts, error):
+        reason = str(error) or type(error).__name__
+        if attempts >= self.config.worker.max_attempts:
+            return self._fail(job, log, f"gave up after {attempts} attempts: {reason}")
+        log.warning("attempt %d failed (%s); handing it back in %g s.",
+                    attempts, reason, self.config.worker.retry_delay, exc_info=True)
+        job.requeue(reason)
+        try:
+            self.storage.write_job(job)
+        except (OSError, StorageFull):
+            pass
+        self._pause(self.config.worker.retry_delay)
+        return Decision.REQUEUE
+
+    def _pause(self, seconds):
+        """Sleep, showing progress; False if the worker is asked to stop."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if self._stopping():
+                return False
+            self._progress()
+            time.sleep(min(_TICK, max(0.0, deadline - time.monotonic())))
+        return True

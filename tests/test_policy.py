@@ -1,0 +1,154 @@
+"""The job policy on its own: no RabbitMQ, no renderer process. A real
+storage tree in tmp_path; rendering is images.render in this process, or a
+stand-in that raises what the renderer would."""
+
+import json
+import os
+
+import pytest
+
+from imgworker import config, images
+from imgworker.job import Job, State
+from imgworker.policy import Decision, JobPolicy
+from imgworker.renderer import RendererDied, RenderTimeout
+from imgworker.storage import Storage, StorageFull, new_job_id
+from tests import samples
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A storage tree with one accepted job, and a policy to make over it."""
+    settings = config.from_dict({"storage": {"root": str(tmp_path)},
+                                 "worker": {"retry_delay": "0.01", "max_attempts": "3"}})
+    storage = Storage(str(tmp_path))
+    storage.prepare()
+    job_id = new_job_id()
+    storage.save_original(job_id, samples.jpeg(800, 600))
+    storage.write_job(Job.accepted(job_id, "jpeg", 800, 600, 1))
+    limits = images.Limits.from_config(settings)
+
+    def make(render=None, stopping=lambda: False, storage=storage):
+        render = render or (lambda path, progress: images.render(path, settings.renditions,
+                                                                 limits, progress))
+        return JobPolicy(settings, "7", storage, render, stopping=stopping)
+    return make, storage, job_id
+
+
+def message(job_id):
+    return json.dumps({"id": job_id, "format": "jpeg"}).encode()
+
+
+def raising(error):
+    def render(_path, _progress):
+        raise error
+    return render
+
+
+def test_a_good_job_ends_done_with_its_renditions_on_disk_and_is_acked(world):
+    make, storage, job_id = world
+    policy = make()
+    assert policy.handle(message(job_id)) is Decision.ACK
+    job = storage.read_job(job_id)
+    assert (job.state, job.attempts, job.worker) == (State.DONE, 1, "7")
+    assert sorted(job.renditions) == ["large", "medium", "thumb"]
+    for rendition in job.renditions.values():
+        assert os.path.getsize(os.path.join(storage.root, rendition["url"].lstrip("/"))) \
+            == rendition["bytes"]
+    assert (policy.jobs_done, policy.current_job) == (1, None)
+
+
+def test_an_undecodable_image_fails_for_good_at_once(world):
+    make, storage, job_id = world
+    decision = make(raising(images.BadImage("the jpeg data cannot be decoded"))).handle(message(job_id))
+    job = storage.read_job(job_id)
+    assert decision is Decision.DEAD_LETTER
+    assert (job.state, job.attempts) == (State.FAILED, 1)
+    assert job.error == "the image cannot be processed: the jpeg data cannot be decoded"
+
+
+def test_a_render_over_job_timeout_fails_for_good(world):
+    make, storage, job_id = world
+    decision = make(raising(RenderTimeout("rendering took longer than 1 s"))).handle(message(job_id))
+    assert decision is Decision.DEAD_LETTER
+    assert storage.read_job(job_id).error == "rendering took longer than 1 s"
+
+
+def test_a_transient_error_is_retried_with_its_reason_kept(world):
+    make, storage, job_id = world
+    decision = make(raising(RendererDied("the renderer process died (signal SIGKILL)"))) \
+        .handle(message(job_id))
+    job = storage.read_job(job_id)
+    assert decision is Decision.REQUEUE
+    assert (job.state, job.attempts) == (State.QUEUED, 1)
+    assert job.last_error == "the renderer process died (signal SIGKILL)"
+
+
+def test_the_last_allowed_attempt_failing_fails_the_job_with_every_reason(world):
+    make, storage, job_id = world
+    policy = make(raising(RendererDied("the renderer process died")))
+    decisions = [policy.handle(message(job_id)) for _ in range(3)]
+    assert decisions == [Decision.REQUEUE, Decision.REQUEUE, Decision.DEAD_LETTER]
+    job = storage.read_job(job_id)
+    assert (job.state, job.attempts) == (State.FAILED, 3)
+    assert job.error == "gave up after 3 attempts: the renderer process died"
+
+
+def test_a_job_whose_attempts_are_used_up_by_crashes_fails_without_rendering(world):
+    # Given a record that says three attempts started and none ended (each
+    # killed its worker)
+    make, storage, job_id = world
+    job = storage.read_job(job_id)
+    for _ in range(3):
+        job.start("1")
+    storage.write_job(job)
+    # When it is delivered once more, nothing is rendered
+    decision = make(raising(AssertionError("must not render"))).handle(message(job_id), True)
+    assert decision is Decision.DEAD_LETTER
+    assert storage.read_job(job_id).error == ("gave up after 3 attempts; the last one ended "
+                                              "without a result (did the worker crash?)")
+
+
+@pytest.mark.parametrize("state, decision", [(State.DONE, Decision.ACK),
+                                             (State.FAILED, Decision.DEAD_LETTER)])
+def test_a_finished_job_redelivered_is_settled_as_it_ended_without_rendering(world, state, decision):
+    make, storage, job_id = world
+    job = storage.read_job(job_id)
+    job.start("1")
+    job.finish({}, 0.1) if state is State.DONE else job.fail("earlier")
+    storage.write_job(job)
+    assert make(raising(AssertionError("must not render"))).handle(message(job_id), True) is decision
+    assert storage.read_job(job_id).attempts == 1
+
+
+class _FullOnce(Storage):
+    """Storage whose first rendition write finds the disk full."""
+    full = True
+
+    def write_renditions(self, job_id, outputs):
+        if self.full:
+            self.full = False
+            raise StorageFull("no space left below the test root")
+        super().write_renditions(job_id, outputs)
+
+
+def test_a_full_disk_is_waited_out_with_the_attempt_untouched(world):
+    make, storage, job_id = world
+    full_once = _FullOnce(storage.root)
+    assert make(storage=full_once).handle(message(job_id)) is Decision.ACK
+    job = full_once.read_job(job_id)
+    assert (job.state, job.attempts) == (State.DONE, 1)
+
+
+def test_a_full_disk_while_stopping_hands_the_job_back(world):
+    make, storage, job_id = world
+    full_once = _FullOnce(storage.root)
+    assert make(storage=full_once, stopping=lambda: True).handle(message(job_id)) is Decision.REQUEUE
+    assert full_once.read_job(job_id).state is State.PROCESSING
+
+
+def test_an_unknown_job_is_acked_and_a_non_job_dead_lettered(world):
+    make, _storage, _job_id = world
+    policy = make(raising(AssertionError("must not render")))
+    assert policy.handle(message(new_job_id())) is Decision.ACK
+    for body in (b"null", b'{"id": 1}', b"[]", b"\xff"):
+        assert policy.handle(body) is Decision.DEAD_LETTER
