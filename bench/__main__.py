@@ -12,7 +12,7 @@ import sys
 import tempfile
 
 from imgworker import config
-from tests.harness import AMQP_URL
+from harness.pipeline import AMQP_URL
 
 from . import endtoend, engine, ingest, inputs, memory, report
 

@@ -17,7 +17,7 @@ import uuid
 import requests
 
 from imgworker.job import State, record_path
-from tests.harness import Pipeline
+from harness.pipeline import Pipeline
 
 from . import engine, stats
 

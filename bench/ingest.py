@@ -21,7 +21,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 
-from tests.harness import REPO, Pipeline, wait_for_port
+from harness.pipeline import REPO, Pipeline, wait_for_port
 
 _WRK_SCRIPT = r"""
 local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))

@@ -1,12 +1,12 @@
 """The benchmarks' inputs, generated (never downloaded): photo-like content
--- gradients, fractal detail, sensor-like noise -- from tests/samples.py,
+-- gradients, fractal detail, sensor-like noise -- from harness/samples.py,
 so JPEG sizes and decode costs are those of photographs, not flat colour."""
 
 import io
 
 from PIL import Image, ImageFilter
 
-from tests import samples
+from harness import samples
 
 
 def standard_job(smoke=False):

@@ -5,7 +5,7 @@ import os
 import shutil
 import uuid
 
-from tests.harness import Pipeline
+from harness.pipeline import Pipeline
 
 from . import endtoend
 

@@ -1,4 +1,4 @@
-"""Fixtures for every test folder; the harness behind them is tests/harness.py.
+"""Fixtures for every test folder; the harness behind them is harness/pipeline.py.
 
 Without a broker the tests that need one skip on a laptop, and FAIL under
 CI=true: a CI that forgot to start RabbitMQ must not go green.
@@ -9,7 +9,7 @@ import os
 import pika
 import pytest
 
-from tests.harness import AMQP_URL, Pipeline
+from harness.pipeline import AMQP_URL, Pipeline
 
 
 @pytest.fixture(scope="session")

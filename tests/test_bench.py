@@ -9,7 +9,7 @@ import sys
 
 from PIL import Image
 
-from tests.harness import REPO
+from harness.pipeline import REPO
 
 
 def test_the_bench_smoke_run_writes_its_tables_and_chart(amqp_url, tmp_path):

@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from imgworker import config, images
-from tests import samples
+from harness import samples
 
 LIMITS = images.Limits(formats=("jpeg", "png", "webp", "gif"), max_pixels=50_000_000,
                        max_dimension=20000)

@@ -12,7 +12,7 @@ from imgworker.job import Job, State
 from imgworker.policy import Decision, JobPolicy
 from imgworker.renderer import RendererDied, RenderTimeout
 from imgworker.storage import Storage, StorageFull, new_job_id
-from tests import samples
+from harness import samples
 
 
 @pytest.fixture

@@ -1,7 +1,7 @@
 """Fault scenarios run against the same real services as tests/integration;
 the run ends with the ledger's table."""
 
-from tests.faults.ledger import RESULTS, table
+from harness.ledger import RESULTS, table
 
 
 def pytest_terminal_summary(terminalreporter):

@@ -9,9 +9,9 @@ import time
 
 from imgworker.job import Job
 from imgworker.storage import Storage, new_job_id
-from tests import samples
-from tests.faults.ledger import Ledger
-from tests.harness import REPO
+from harness import samples
+from harness.ledger import Ledger
+from harness.pipeline import REPO
 
 
 def sweep(pipeline, older_than=0):

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from tests import samples
-from tests.faults.ledger import Ledger
+from harness import samples
+from harness.ledger import Ledger
 
 
 def rabbitmqctl(*args):

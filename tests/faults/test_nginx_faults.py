@@ -10,7 +10,7 @@ import time
 import requests
 
 from imgworker import config
-from tests.faults.ledger import Ledger
+from harness.ledger import Ledger
 
 #: client_max_body_size, equal to the API's (tests/test_shipped_files.py)
 LIMIT = config.from_dict({}).api.max_upload_bytes
@@ -115,7 +115,7 @@ def test_a_stalled_body_is_cut_off_after_client_body_timeout_while_others_get_th
 
 
 def test_nginx_serves_renditions_with_their_image_type_and_nosniff(make_pipeline):
-    from tests import samples
+    from harness import samples
     # Given a job done through the shipped site, one of its renditions a WebP
     pipeline = make_pipeline(renditions={"large": "1600x1600 fit jpeg 85",
                                          "card": "400x400 fill webp 80"})

@@ -9,7 +9,7 @@ import time
 import pytest
 import requests
 
-from tests.faults.ledger import Ledger
+from harness.ledger import Ledger
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ import os
 import requests
 from PIL import Image
 
-from tests import samples
+from harness import samples
 
 #: Bigger than anything the API accepts: bombs must be refused from the header.
 BOMB_1BIT = (20000, 20000)

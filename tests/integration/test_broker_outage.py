@@ -12,7 +12,7 @@ import time
 import pytest
 import requests
 
-from tests import samples
+from harness import samples
 
 
 def rabbitmqctl(*args):

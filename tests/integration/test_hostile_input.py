@@ -17,8 +17,8 @@ import requests
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
-from tests import samples
-from tests.harness import children
+from harness import samples
+from harness.pipeline import children
 
 MIB = 1 << 20
 FORM = "multipart/form-data; boundary=b"

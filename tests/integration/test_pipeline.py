@@ -10,8 +10,8 @@ import pytest
 import requests
 from PIL import Image
 
-from tests import samples
-from tests.harness import REPO
+from harness import samples
+from harness.pipeline import REPO
 
 
 def test_an_upload_gets_202_and_its_renditions_appear_upright_sized_and_without_exif(pipeline):

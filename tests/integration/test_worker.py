@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from tests import samples
+from harness import samples
 
 #: A rendition slow enough (several seconds: a 24 MP lossless-ish WebP) that
 #: a test can catch the worker in the middle of it.

@@ -1,5 +1,5 @@
-# Booted Debian containers for the package tests; sourced by e2e-nspawn and
-# install-order. See ../shared/NSPAWN.md for why each step is done the way
+# Booted Debian containers, sourced by tests/system/e2e-nspawn and
+# install-order and by script/demo. See ../shared/NSPAWN.md for why each step is done the way
 # it is (roots cached as tarballs, dependencies downloaded in a chroot because
 # the booted container has a private network, nsenter + setsid to run inside).
 #

@@ -1,7 +1,7 @@
 """Jepsen-style bookkeeping for the fault scenarios.
 
 Standard library and Pillow only: tests/system copies it into its booted
-containers and runs it there (``python3 -m tests.faults.ledger load|check``)
+containers and runs it there (``python3 -m harness.ledger load|check``)
 for the scenarios that need a real systemd.
 
 Every upload is written down with what the API answered. Once a scenario has
@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass, field
 from PIL import Image
 
 from imgworker import job as jobs
-from tests import samples
+from harness import samples
 
 #: Every scenario's results, printed as one table at the end of the run.
 RESULTS = []
@@ -205,7 +205,7 @@ def table(results):
 def main(argv=None):
     """In a container: ``load`` uploads and saves the ledger; ``check``
     settles it and prints the counters as JSON."""
-    parser = argparse.ArgumentParser(prog="python3 -m tests.faults.ledger")
+    parser = argparse.ArgumentParser(prog="python3 -m harness.ledger")
     parser.add_argument("command", choices=("load", "check"))
     parser.add_argument("--state", required=True, help="the ledger's JSON file")
     parser.add_argument("--scenario", default="")
