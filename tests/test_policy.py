@@ -57,30 +57,24 @@ def test_a_good_job_ends_done_with_its_renditions_on_disk_and_is_acked(world):
     assert (policy.jobs_done, policy.current_job) == (1, None)
 
 
-def test_an_undecodable_image_fails_for_good_at_once(world):
+@pytest.mark.parametrize("error, decision, state, reason", [
+    # undecodable or over a limit: failed for good at once
+    (images.BadImage("the jpeg data cannot be decoded"), Decision.DEAD_LETTER, State.FAILED,
+     "error: the image cannot be processed: the jpeg data cannot be decoded"),
+    # over job_timeout: the same input would be again
+    (RenderTimeout("rendering took longer than 1 s"), Decision.DEAD_LETTER, State.FAILED,
+     "error: rendering took longer than 1 s"),
+    # anything else is transient: handed back, its reason kept
+    (RendererDied("the renderer process died (signal SIGKILL)"), Decision.REQUEUE, State.QUEUED,
+     "last_error: the renderer process died (signal SIGKILL)"),
+])
+def test_a_failed_render_is_failed_for_good_or_retried_by_its_kind(world, error, decision, state,
+                                                                    reason):
     make, storage, job_id = world
-    decision = make(raising(images.BadImage("the jpeg data cannot be decoded"))).handle(message(job_id))
+    assert make(raising(error)).handle(message(job_id)) is decision
     job = storage.read_job(job_id)
-    assert decision is Decision.DEAD_LETTER
-    assert (job.state, job.attempts) == (State.FAILED, 1)
-    assert job.error == "the image cannot be processed: the jpeg data cannot be decoded"
-
-
-def test_a_render_over_job_timeout_fails_for_good(world):
-    make, storage, job_id = world
-    decision = make(raising(RenderTimeout("rendering took longer than 1 s"))).handle(message(job_id))
-    assert decision is Decision.DEAD_LETTER
-    assert storage.read_job(job_id).error == "rendering took longer than 1 s"
-
-
-def test_a_transient_error_is_retried_with_its_reason_kept(world):
-    make, storage, job_id = world
-    decision = make(raising(RendererDied("the renderer process died (signal SIGKILL)"))) \
-        .handle(message(job_id))
-    job = storage.read_job(job_id)
-    assert decision is Decision.REQUEUE
-    assert (job.state, job.attempts) == (State.QUEUED, 1)
-    assert job.last_error == "the renderer process died (signal SIGKILL)"
+    field, text = reason.split(": ", 1)
+    assert (job.state, job.attempts, getattr(job, field)) == (state, 1, text)
 
 
 def test_the_last_allowed_attempt_failing_fails_the_job_with_every_reason(world):
