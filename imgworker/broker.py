@@ -10,9 +10,12 @@ API and the workers always declare the same queues with the same arguments
 import json
 import logging
 import os
+import random
 
 import pika
 import pika.exceptions
+
+from . import config as configuration
 
 logger = logging.getLogger(__name__)
 
@@ -32,19 +35,27 @@ class BrokerUnavailable(Exception):
 
 
 def parameters(config, name):
-    """Connection parameters from config; ``name`` shows in the management UI
-    and ``rabbitmqctl list_connections client_properties``."""
-    params = pika.URLParameters(config.broker.url)
-    params.heartbeat = config.broker.heartbeat
-    params.connection_attempts = 1
-    # Bound every wait on the broker, so an API request never hangs:
-    # connect (socket_timeout), the AMQP handshake (stack_timeout) and a
-    # connection blocked by a memory or disk alarm (blocked_connection_timeout).
-    params.socket_timeout = config.broker.timeout
-    params.stack_timeout = config.broker.timeout
-    params.blocked_connection_timeout = config.broker.timeout
-    params.client_properties = {"connection_name": f"imgworker {name} pid {os.getpid()}"}
-    return params
+    """Connection parameters from config, one per URL in [broker] url, for
+    ``pika.BlockingConnection``, which tries them in turn until one answers.
+    Shuffled, so the connections of many processes spread over a cluster's
+    nodes. ``name`` shows in ``rabbitmqctl list_connections client_properties``."""
+    every = []
+    for url in configuration.split_urls(config.broker.url):
+        params = pika.URLParameters(url)
+        params.heartbeat = config.broker.heartbeat
+        params.connection_attempts = 1
+        # Bound every wait on the broker, so an API request never hangs:
+        # connect (socket_timeout), the AMQP handshake (stack_timeout) and a
+        # connection blocked by a memory or disk alarm
+        # (blocked_connection_timeout). With several nodes, a connect may
+        # wait that long for each node that does not answer.
+        params.socket_timeout = config.broker.timeout
+        params.stack_timeout = config.broker.timeout
+        params.blocked_connection_timeout = config.broker.timeout
+        params.client_properties = {"connection_name": f"imgworker {name} pid {os.getpid()}"}
+        every.append(params)
+    random.shuffle(every)
+    return every
 
 
 def declare_topology(channel, config):

@@ -101,11 +101,14 @@ _REFUSED = "the broker refused the credentials or the vhost"
 
 def _connection_problem(url):
     """None if a connection with url works; else _REFUSED or a reason."""
-    params = pika.URLParameters(url)
-    params.connection_attempts = 1
-    params.socket_timeout = params.stack_timeout = 5
+    every = []
+    for one in configuration.split_urls(url):
+        params = pika.URLParameters(one)
+        params.connection_attempts = 1
+        params.socket_timeout = params.stack_timeout = 5
+        every.append(params)
     try:
-        pika.BlockingConnection(params).close()
+        pika.BlockingConnection(every).close()
     except (pika.exceptions.ProbableAuthenticationError,
             pika.exceptions.ProbableAccessDeniedError):
         return _REFUSED
@@ -157,7 +160,7 @@ def _redacted(url):
 def _for_workers(url, advertise):
     """The same URL with this host's name instead of a loopback address."""
     parts = urllib.parse.urlsplit(url)
-    if parts.hostname not in ("127.0.0.1", "localhost", "::1"):
+    if "," in url or parts.hostname not in ("127.0.0.1", "localhost", "::1"):
         return url
     userinfo, _, _ = parts.netloc.rpartition("@")
     netloc = f"{advertise or socket.getfqdn()}:{parts.port or 5672}"

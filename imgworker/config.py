@@ -50,13 +50,27 @@ def _seconds(raw):
     return value
 
 
-def _amqp_url(raw):
-    if not raw:
+def split_urls(raw):
+    """The URLs of a [broker] url value: one, or several separated by commas."""
+    return [url.strip() for url in raw.split(",") if url.strip()]
+
+
+def _amqp_urls(raw):
+    urls = split_urls(raw)
+    if not urls:
         return ""      # not configured: the services refuse to start (see cli)
-    parts = urllib.parse.urlsplit(raw)
-    if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
-        raise ValueError("must be an amqp:// or amqps:// URL with a host")
-    return raw
+    for url in urls:
+        parts = urllib.parse.urlsplit(url)
+        if parts.scheme not in ("amqp", "amqps") or not parts.hostname:
+            raise ValueError("must be an amqp:// or amqps:// URL with a host "
+                             "(or several, separated by commas)")
+    # The nodes of one cluster: the services connect to whichever answers,
+    # so each URL must reach the same vhost as the same user.
+    logins = {(parts.username, parts.password, parts.path)
+              for parts in map(urllib.parse.urlsplit, urls)}
+    if len(logins) > 1:
+        raise ValueError("several URLs must all name the same user, password and vhost")
+    return ", ".join(urls)
 
 
 def _absolute_path(raw):
@@ -103,11 +117,13 @@ SCHEMA = {
     "broker": {
         # No default: a default URL would be guest on vhost '/', which a
         # service must never end up using by accident.
-        "url": Option("", _amqp_url,
+        "url": Option("", _amqp_urls,
                       "AMQP URL of the RabbitMQ vhost, e.g. amqp://USER:PASSWORD@HOST:5672/VHOST "
                       "(%2F is the vhost '/'). 'imgworker setup-broker' creates a vhost and user "
                       "on the local RabbitMQ and writes this to config.d/broker.ini, which is "
-                      "read after this file. The API and the workers refuse to start without it."),
+                      "read after this file. The API and the workers refuse to start without it. "
+                      "For a RabbitMQ cluster, the URL of each node, separated by commas (same "
+                      "user, password and vhost): each connection goes to one that answers."),
         "queue": Option("imgworker.jobs", _name,
                         "Durable queue the API publishes jobs to and workers consume."),
         "dead_letter_queue": Option("imgworker.jobs.dead", _name,

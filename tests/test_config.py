@@ -142,3 +142,15 @@ def test_drop_ins_in_config_d_override_the_file_in_name_order_and_errors_name_th
         config.load(path)
     assert str(error.value).startswith(str(tmp_path / "config.d" / "zz-local.ini") +
                                        ": [broker] prefetch = 'many'")
+
+
+def test_several_broker_urls_are_one_option_if_they_share_user_password_and_vhost():
+    loaded = config.from_dict({"broker": {"url": " amqp://iw:pw@n1:5672/iw,amqp://iw:pw@n2:5673/iw ,"}})
+    assert loaded.broker.url == "amqp://iw:pw@n1:5672/iw, amqp://iw:pw@n2:5673/iw"
+    assert config.split_urls(loaded.broker.url) == ["amqp://iw:pw@n1:5672/iw",
+                                                    "amqp://iw:pw@n2:5673/iw"]
+    for mixed in ("amqp://iw:pw@n1/iw, amqp://iw:other@n2/iw", "amqp://iw:pw@n1/a, amqp://iw:pw@n2/b"):
+        with pytest.raises(config.ConfigError, match="must all name the same user, password and vhost"):
+            config.from_dict({"broker": {"url": mixed}})
+    with pytest.raises(config.ConfigError, match="or several, separated by commas"):
+        config.from_dict({"broker": {"url": "amqp://iw:pw@n1/iw, http://n2/"}})

@@ -5,13 +5,14 @@ import json
 import os
 import subprocess
 import sys
+from urllib.parse import urlsplit
 
 import pytest
 import requests
 from PIL import Image
 
 from harness import samples
-from harness.pipeline import REPO
+from harness.pipeline import REPO, free_port
 
 
 def test_an_upload_gets_202_and_its_renditions_appear_upright_sized_and_without_exif(pipeline):
@@ -159,3 +160,16 @@ def test_originals_and_job_records_are_private_and_renditions_public(pipeline):
     assert mode("renditions") == mode("renditions", job_id) == 0o755
     for rendition in job["renditions"].values():
         assert mode(*rendition["url"].lstrip("/").split("/")) == 0o644
+
+
+def test_with_several_broker_urls_the_api_and_worker_use_one_that_answers(make_pipeline, amqp_url):
+    # Given [broker] url naming a node that is down (nothing listens on its
+    # port) and one that answers, as for a cluster with one node lost
+    dead = amqp_url.replace(urlsplit(amqp_url).netloc.rsplit("@", 1)[1], f"127.0.0.1:{free_port()}")
+    pipeline = make_pipeline(broker={"url": f"{dead}, {amqp_url}"})
+    pipeline.start_api()
+    pipeline.start_worker()
+    # When uploads arrive (each connection tries the nodes in a shuffled order)
+    ids = [pipeline.upload(samples.jpeg(400, 300)).json()["id"] for _ in range(6)]
+    # Then every one is accepted and done
+    assert [pipeline.wait_job(job_id)["state"] for job_id in ids] == ["done"] * 6
