@@ -58,14 +58,33 @@ def parameters(config, name):
     return every
 
 
+#: A quorum queue dead-letters a message returned this many times even if
+#: no worker's attempt count caught it (a worker killed before it wrote
+#: one). Far above max_attempts, so the count on disk decides first; fixed,
+#: because RabbitMQ refuses to redeclare a queue with other arguments.
+QUORUM_DELIVERY_LIMIT = 20
+
+
+def queue_arguments(config, queue_type=None):
+    """(job queue, dead-letter queue) declare arguments for a queue type
+    (default: config's [broker] queue_type)."""
+    dead_lettering = {"x-dead-letter-exchange": "",
+                      "x-dead-letter-routing-key": config.broker.dead_letter_queue}
+    if (queue_type or config.broker.queue_type) == "classic":
+        return dead_lettering, {}
+    quorum = {"x-queue-type": "quorum"}
+    return {**quorum, **dead_lettering,
+            # at-least-once dead-lettering needs reject-publish overflow
+            "x-dead-letter-strategy": "at-least-once", "x-overflow": "reject-publish",
+            "x-delivery-limit": QUORUM_DELIVERY_LIMIT}, quorum
+
+
 def declare_topology(channel, config):
     """The durable job queue, dead-lettering to a durable queue that keeps
     failed jobs for a person to inspect (or shovel back)."""
-    channel.queue_declare(config.broker.dead_letter_queue, durable=True)
-    channel.queue_declare(config.broker.queue, durable=True, arguments={
-        "x-dead-letter-exchange": "",
-        "x-dead-letter-routing-key": config.broker.dead_letter_queue,
-    })
+    jobs, dead = queue_arguments(config)
+    channel.queue_declare(config.broker.dead_letter_queue, durable=True, arguments=dead)
+    channel.queue_declare(config.broker.queue, durable=True, arguments=jobs)
 
 
 def job_message(job_id, fmt):

@@ -106,6 +106,22 @@ def cmd_setup_broker(args):
     return 0
 
 
+def cmd_migrate_queues(args):
+    from . import broker
+    from .queue_migration import MigrationRefused, migrate
+    config = _load_broker_config(args)
+    log.setup()
+    queue_type = args.to or config.broker.queue_type
+    try:
+        moved = migrate(config, queue_type)
+    except (MigrationRefused, broker.BrokerUnavailable) as error:
+        logger.error("Queue migration stopped: %s. Nothing was lost; run it again.", error)
+        return 1
+    for name, count in moved.items():
+        print(f"{name}: {queue_type}, {count} messages moved")
+    return 0
+
+
 def cmd_check_config(args):
     if args.template:
         sys.stdout.write(configuration.template())
@@ -215,6 +231,16 @@ def build_parser():
     setup.add_argument("--quiet", action="store_true",
                        help="do not print the URL (it carries the password)")
     setup.set_defaults(func=cmd_setup_broker)
+
+    migrate = commands.add_parser(
+        "migrate-queues", help="move both queues to another type, keeping every message",
+        description="Make the job queue and the dead-letter queue the given type (default: "
+                    "[broker] queue_type), moving their messages through a temporary queue "
+                    "with publisher confirms. With the API and the workers stopped; "
+                    "safe to rerun if cut short.")
+    migrate.add_argument("--to", choices=("classic", "quorum"),
+                         help="the queue type (default: [broker] queue_type)")
+    migrate.set_defaults(func=cmd_migrate_queues)
 
     sweeper = commands.add_parser("sweep", help="queue uploads a crashed API left behind",
                                   description="Queue again the uploads whose API process died "

@@ -100,6 +100,12 @@ def _formats(raw):
     return tuple(names)
 
 
+def _queue_type(raw):
+    if raw not in ("classic", "quorum"):
+        raise ValueError("must be classic or quorum")
+    return raw
+
+
 def _name(raw):
     if not raw:
         raise ValueError("must not be empty")
@@ -128,6 +134,13 @@ SCHEMA = {
                         "Durable queue the API publishes jobs to and workers consume."),
         "dead_letter_queue": Option("imgworker.jobs.dead", _name,
                                     "Where jobs that failed for good are kept for a person to look at."),
+        "queue_type": Option("classic", _queue_type,
+                             "classic: the job queue and the dead-letter queue live on one "
+                             "node. quorum: both are replicated over a cluster's nodes (Raft); "
+                             "dead-lettering is at-least-once and RabbitMQ's delivery limit "
+                             "backs up the attempt count. RabbitMQ refuses to redeclare a queue "
+                             "as another type: to change it on a running system, stop the API "
+                             "and workers and run 'imgworker migrate-queues'."),
         "prefetch": Option("1", _positive_int,
                            "Unacknowledged jobs a worker holds at once; 1 keeps jobs spread evenly."),
         "heartbeat": Option("60", _positive_int,
