@@ -46,7 +46,13 @@ def accept(storage, publisher, data, info):
         storage.write_job(Job.accepted(job_id, info.format, info.width, info.height, len(data)))
         publisher.publish(job_id, broker.job_message(job_id, info.format))
     except BaseException as error:
-        storage.forget_job(job_id)
+        # A broker killed between routing the message and confirming it may
+        # already have handed the job to a worker: once a worker moved the
+        # record on, the job is being done (the client saw no 202, and the
+        # sweep need not act), so nothing of it is removed.
+        job = storage.read_job(job_id)
+        if job is None or job.state is State.QUEUED:
+            storage.forget_job(job_id)
         log.warning("refused: %s", error)
         raise
     storage.clear_pending(job_id)
