@@ -6,7 +6,8 @@ upload lingers, whatever instant the API dies at.
     accept():
       mark pending ──► original fsynced ──► record `queued` fsynced ──► published + confirmed ──► mark cleared ──► 202
            │                 │                        │                         │
-           └─ storage full / broker refuses: everything removed, 507 / 503 ────┘
+           └─ storage full / broker refuses: removed (unless a worker already
+              took the job), 507 / 503 ──────────────────────────────────────────┘
     the API dies (kill -9, OOM, power) at any arrow: recover(), run by
     imgworker-sweep.timer, finds what is older than [api] requeue_after:
       - a pending mark with a `queued` record: published again (a duplicate
