@@ -79,12 +79,19 @@ def queue_arguments(config, queue_type=None):
             "x-delivery-limit": QUORUM_DELIVERY_LIMIT}, quorum
 
 
-def declare_topology(channel, config):
-    """The durable job queue, dead-lettering to a durable queue that keeps
-    failed jobs for a person to inspect (or shovel back)."""
+def topology(config):
+    """[(queue, declare arguments)] in the order to declare them: the
+    durable dead-letter queue, which keeps failed jobs for a person to
+    inspect (or shovel back), then the durable job queue that dead-letters
+    to it."""
     jobs, dead = queue_arguments(config)
-    channel.queue_declare(config.broker.dead_letter_queue, durable=True, arguments=dead)
-    channel.queue_declare(config.broker.queue, durable=True, arguments=jobs)
+    return [(config.broker.dead_letter_queue, dead), (config.broker.queue, jobs)]
+
+
+def declare_topology(channel, config):
+    """Declare the topology on a pika BlockingChannel."""
+    for queue, arguments in topology(config):
+        channel.queue_declare(queue, durable=True, arguments=arguments)
 
 
 def job_message(job_id, fmt):
@@ -98,7 +105,13 @@ class Publisher:
     ``publish`` returns only once the broker has confirmed the message is
     stored (persistent, durable queue, publisher confirms, mandatory routing),
     and raises BrokerUnavailable otherwise -- within config.broker.timeout
-    seconds, give or take one reconnect.
+    seconds for each step (connect, confirm), give or take one reconnect.
+
+    It runs pika's asynchronous connection, not its BlockingConnection,
+    because only that lets the wait for a confirm be bounded: a quorum queue
+    that has lost its majority neither confirms nor refuses a message until
+    a majority is back (a minute or more), and the client must hear 503 long
+    before that. The I/O loop runs only while a call waits on the broker.
     """
 
     def __init__(self, config):
@@ -106,21 +119,84 @@ class Publisher:
         self._connection = None
         self._channel = None
         self._blocked = False
+        self._returned = False
+        self._outcome = None        # what ends the current wait
 
+    # -- the wait: run I/O until a callback settles it, or time is up ------------
+    def _wait(self, what, timeout=None):
+        """Run the I/O loop until a callback calls _settle; return what it
+        settled with. Raises BrokerUnavailable (and drops the connection)
+        if the connection failed or ``what`` took over the timeout."""
+        timeout = self._config.broker.timeout if timeout is None else timeout
+        ioloop = self._connection.ioloop
+        self._outcome = None
+        timer = ioloop.call_later(timeout, lambda: self._settle(_TimedOut()))
+        try:
+            while self._outcome is None:
+                ioloop.start()      # until _settle stops it
+        finally:
+            ioloop.remove_timeout(timer)
+        outcome, self._outcome = self._outcome, None
+        if isinstance(outcome, _TimedOut):
+            self._drop()
+            raise BrokerUnavailable(f"the broker did not {what} within {timeout:g} s")
+        if isinstance(outcome, BaseException):
+            # the connection or channel closed under us
+            self._drop()
+            raise BrokerUnavailable(describe(outcome), stale_connection=True)
+        return outcome
+
+    def _settle(self, outcome):
+        if self._outcome is None:
+            self._outcome = outcome
+        self._connection.ioloop.stop()
+
+    def _run_pending_io(self):
+        """Take in what the broker sent meanwhile (heartbeats, blocked
+        notices, a close) without waiting for anything."""
+        ioloop = self._connection.ioloop
+        ioloop.call_later(0, ioloop.stop)
+        ioloop.start()
+
+    # -- connection --------------------------------------------------------------
     def _connect(self):
         try:
-            connection = pika.BlockingConnection(parameters(self._config, "api"))
-            channel = connection.channel()
-            channel.confirm_delivery()
-            declare_topology(channel, self._config)
-        except pika.exceptions.AMQPError as error:
-            raise BrokerUnavailable(describe(error)) from None
-        except OSError as error:
-            raise BrokerUnavailable(f"cannot reach the broker ({error})") from None
-        connection.add_on_connection_blocked_callback(self._on_blocked)
-        connection.add_on_connection_unblocked_callback(self._on_unblocked)
-        self._connection, self._channel, self._blocked = connection, channel, False
+            self._open()
+        except BrokerUnavailable as error:
+            raise BrokerUnavailable(str(error)) from None    # a fresh connection: not stale
         logger.info("Connected to the broker; queue %s declared.", self._config.broker.queue)
+
+    def _open(self):
+        failures = []
+        for params in parameters(self._config, "api"):
+            self._connection = pika.SelectConnection(
+                params, on_open_callback=self._settle,
+                on_open_error_callback=lambda _connection, error: self._settle(error),
+                on_close_callback=self._on_connection_closed)
+            try:
+                self._wait("accept a connection")
+                break
+            except BrokerUnavailable as error:
+                failures.append(str(error))
+        else:
+            self._connection = None
+            raise BrokerUnavailable("; ".join(dict.fromkeys(failures)))
+        self._blocked = False
+        self._connection.add_on_connection_blocked_callback(self._on_blocked)
+        self._connection.add_on_connection_unblocked_callback(self._on_unblocked)
+        self._connection.channel(on_open_callback=self._settle)
+        self._channel = self._wait("open a channel")
+        self._channel.add_on_close_callback(lambda _channel, reason: self._settle(reason))
+        self._channel.add_on_return_callback(self._on_returned)
+        self._channel.confirm_delivery(self._settle, callback=self._settle)
+        self._wait("turn on publisher confirms")
+        for queue, arguments in topology(self._config):
+            self._channel.queue_declare(queue, durable=True, arguments=arguments,
+                                        callback=self._settle)
+            self._wait(f"declare queue {queue}")
+
+    def _on_connection_closed(self, _connection, reason):
+        self._settle(reason)
 
     def _on_blocked(self, _connection, _frame):
         logger.warning("The broker blocked publishing (a memory or disk alarm); "
@@ -131,23 +207,37 @@ class Publisher:
         logger.info("The broker unblocked publishing.")
         self._blocked = False
 
-    def close(self):
+    def _on_returned(self, _channel, _method, _properties, _body):
+        self._returned = True       # unroutable; its confirm follows
+
+    def _drop(self):
         connection, self._connection, self._channel = self._connection, None, None
-        if connection is not None and connection.is_open:
+        if connection is not None and not (connection.is_closing or connection.is_closed):
             try:
                 connection.close()
             except pika.exceptions.AMQPError:
                 pass
+        if connection is not None and not connection.is_closed:
+            # let the close reach the broker and the socket be released
+            self._connection, self._outcome = connection, None
+            timer = connection.ioloop.call_later(1, connection.ioloop.stop)
+            connection.ioloop.start()
+            connection.ioloop.remove_timeout(timer)
+            self._connection = None
+
+    def close(self):
+        if self._connection is not None:
+            self._drop()
 
     def _ensure_open(self):
-        """Connect if needed and take in pending frames (blocked notices,
-        heartbeats). Returns True if an existing connection was reused."""
+        """Connect if needed and take in pending frames. Returns True if an
+        existing connection was reused."""
         if self._connection is not None and self._connection.is_open:
-            try:
-                self._connection.process_data_events(0)
+            self._run_pending_io()
+            if self._connection is not None and self._connection.is_open \
+                    and self._channel.is_open:
                 return True
-            except (pika.exceptions.AMQPError, OSError):
-                self.close()
+            self._drop()
         self._connect()
         return False
 
@@ -173,21 +263,26 @@ class Publisher:
         reused = self._ensure_open()
         if self._blocked:
             raise BrokerUnavailable("the broker is blocking publishers (resource alarm)")
+        self._returned = False
         try:
-            self._channel.basic_publish("", self._config.broker.queue, body,
-                                        properties, mandatory=True)
-        except pika.exceptions.UnroutableError:
-            raise BrokerUnavailable(f"no queue {self._config.broker.queue} "
-                                    "took the message") from None
-        except pika.exceptions.NackError:
-            raise BrokerUnavailable("the broker refused the message (nack)") from None
-        except pika.exceptions.ConnectionBlockedTimeout:
-            self.close()
-            raise BrokerUnavailable("the broker is blocking publishers (resource alarm)") \
-                from None
+            self._channel.basic_publish("", self._config.broker.queue, body, properties,
+                                        mandatory=True)
+            confirm = self._wait("confirm the message")
+        except BrokerUnavailable as error:
+            # only a connection lost on one made for an earlier request is stale
+            raise BrokerUnavailable(str(error),
+                                    stale_connection=reused and error.stale_connection) from None
         except (pika.exceptions.AMQPError, OSError) as error:
-            self.close()
+            self._drop()
             raise BrokerUnavailable(describe(error), stale_connection=reused) from None
+        if isinstance(confirm.method, pika.spec.Basic.Nack):
+            raise BrokerUnavailable("the broker refused the message (nack)")
+        if self._returned:
+            raise BrokerUnavailable(f"no queue {self._config.broker.queue} took the message")
+
+
+class _TimedOut:
+    """What a wait settles with when its time is up."""
 
 
 def describe(error):
