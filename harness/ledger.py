@@ -189,6 +189,25 @@ class Ledger:
         return max(times, default=0.0)
 
 
+    def longest_refusal_window(self):
+        """Seconds of the longest run of uploads answered anything but 202,
+        from the first one's request to the last one's answer: how long the
+        front door was shut."""
+        longest, opened, closed = 0.0, None, None
+        for started, seconds, status in sorted(self.responses):
+            if status == 202:
+                if opened is not None:
+                    longest = max(longest, closed - opened)
+                opened = None
+            elif opened is None:
+                opened, closed = started, started + seconds
+            else:
+                closed = max(closed, started + seconds)
+        if opened is not None:
+            longest = max(longest, closed - opened)
+        return longest
+
+
 def table(results):
     header = ("scenario", "accepted", "done", "failed", "lost", "duplicated", "corrupt",
               "unexpected", "unanswered", "refused")

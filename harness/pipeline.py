@@ -242,6 +242,7 @@ class Pipeline:
         }
         for section, options in sections.items():
             values.setdefault(section, {}).update(options)
+        self.values = values
         self.root = values["storage"]["root"]
         self.config_path = os.path.join(self.workdir, "config.ini")
         with open(self.config_path, "w") as handle:
@@ -307,16 +308,26 @@ class Pipeline:
         return sorted(os.listdir(originals)) if os.path.isdir(originals) else []
 
     def _channel(self):
-        connection = pika.BlockingConnection(pika.URLParameters(self.amqp_url))
+        # one node of a cluster's comma-separated URLs that answers
+        connection = pika.BlockingConnection(
+            [pika.URLParameters(url) for url in config.split_urls(self.amqp_url)])
         return connection, connection.channel()
+
+    def _queue_state(self, queue):
+        connection, channel = self._channel()
+        try:
+            return channel.queue_declare(queue or self.queue, passive=True).method
+        finally:
+            connection.close()
 
     def queue_depth(self, queue=None):
         """Messages ready in the queue, as rabbitmqctl list_queues shows them."""
-        connection, channel = self._channel()
-        try:
-            return channel.queue_declare(queue or self.queue, passive=True).method.message_count
-        finally:
-            connection.close()
+        return self._queue_state(queue).message_count
+
+    def consumers(self, queue=None):
+        """Consumers the broker counts on the queue (the workers that are
+        back after a broker node went away)."""
+        return self._queue_state(queue).consumer_count
 
     def dead_lettered(self):
         """(body, x-death reason) of every message in the dead-letter queue,
