@@ -42,13 +42,14 @@ def _load_broker_config(args):
     return config
 
 
-def _prepare_storage(config):
-    """Create (or fix the modes of) the storage tree; a root this process
-    cannot write exits 78 -- under systemd that is a root outside the units'
-    ReadWritePaths=, which a restart will not change."""
+def _prepare_storage(config, marker=False):
+    """Create (or fix the modes of) the storage tree (and, for the API, its
+    marker); a root this process cannot write exits 78 -- under systemd that
+    is a root outside the units' ReadWritePaths=, which a restart will not
+    change."""
     from .storage import Storage
     try:
-        Storage(config.storage.root).prepare()
+        Storage(config.storage.root).prepare(marker)
     except OSError as error:
         print(f"imgworker: cannot use [storage] root = {config.storage.root}: {error.strerror}. "
               "A root other than /var/lib/imgworker must also be in the units' ReadWritePaths= "
@@ -60,7 +61,7 @@ def _prepare_storage(config):
 def cmd_api(args):
     from . import server
     config = _load_broker_config(args)
-    _prepare_storage(config)
+    _prepare_storage(config, marker=True)
     log.setup()
     server.run(config, Notifier())
     return 0
@@ -69,9 +70,15 @@ def cmd_api(args):
 def cmd_worker(args):
     from .worker import Worker
     config = _load_broker_config(args)
-    _prepare_storage(config)
     log.setup(instance=args.instance)
-    return Worker(config, args.instance, Notifier()).run()
+    worker = Worker(config, args.instance, Notifier())
+    # Not before the API's storage is in sight: on a worker-only host the
+    # root may be a shared filesystem not mounted yet, and the tree must not
+    # be made on the local disk beneath it.
+    if not worker.wait_for_storage():
+        return 0
+    _prepare_storage(config)
+    return worker.run()
 
 
 def cmd_sweep(args):

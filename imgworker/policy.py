@@ -11,8 +11,9 @@ that), so each outcome can be tested on its own: tests/test_policy.py.
 - undecodable or over-limit images and renders over ``job_timeout`` fail at
   once; anything else (I/O errors, a renderer that died) is retried after
   ``retry_delay``, until ``max_attempts``;
-- a full disk is the host's problem, not the job's: the policy waits for
-  space with the job in hand and its attempts untouched.
+- a full disk, or shared storage gone from sight (unmounted), is the
+  host's problem, not the job's: the policy waits with the job in hand and
+  its attempts untouched.
 """
 
 import enum
@@ -86,6 +87,8 @@ class JobPolicy:
 
     def _handle_job(self, job_id, redelivered):
         log = JobLog(logger, job_id)
+        if not self._when_storage_in_sight(log):
+            return Decision.REQUEUE
         job = self.storage.read_job(job_id)
         if job is None:
             # The API removes state and original when the broker did not
@@ -172,6 +175,22 @@ class JobPolicy:
                     waiting = True
             if not self._pause(self.config.worker.retry_delay):
                 return False
+
+    def _when_storage_in_sight(self, log):
+        """The root lost the API's marker since the worker started: the
+        shared storage was unmounted. The job's record is out of sight, not
+        gone, so it must not be taken for a refused upload: wait with the
+        job in hand. False if the worker is asked to stop meanwhile."""
+        if self.storage.is_shared_root():
+            return True
+        log.error("waiting: %s is not the API's storage any more (was the shared storage "
+                  "unmounted?); the job resumes once it is back.", self.storage.root)
+        self._status(f"Waiting for the storage: {self.storage.root} is not the API's.")
+        while not self.storage.is_shared_root():
+            if not self._pause(self.config.worker.retry_delay):
+                return False
+        log.info("the storage is back; carrying on.")
+        return True
 
     def _fail(self, job, log, reason):
         log.error("failed: %s", reason)

@@ -5,13 +5,16 @@ crash at any instant leaves either the old file or the new one, never half.
     ROOT/renditions/<id>/<name>.<ext>  the outputs; nginx serves this tree
     ROOT/jobs/<id>.json             the job's record (job.py), the only datastore
     ROOT/jobs/<id>.pending          upload stored, broker not yet confirmed
+    ROOT/.imgworker-storage         "this is the storage the API writes to"
 
 Paths are a pure function of the job id and rendition, so a redelivered job
 overwrites its own files instead of adding new ones.
 """
 
 import errno
+import json
 import os
+import socket
 import re
 import tempfile
 import time
@@ -87,9 +90,31 @@ def write_all_atomically(directory, files, mode=None):
     _fsync_dir(directory)
 
 
+#: Written by the API into the root it stores uploads in. A worker renders
+#: only below a root that has it: on a worker-only host, a root without it
+#: is a shared filesystem that is not mounted (yet), and the jobs' records
+#: and originals are not missing, only out of sight.
+MARKER = ".imgworker-storage"
+
+
 class Storage:
     def __init__(self, root):
         self.root = root
+
+    @property
+    def marker_path(self):
+        return os.path.join(self.root, MARKER)
+
+    def is_shared_root(self):
+        """True if the API's marker is here (see MARKER)."""
+        return os.path.exists(self.marker_path)
+
+    def _write_marker(self):
+        if not self.is_shared_root():
+            write_atomically(self.marker_path, json.dumps({
+                "written_by": f"imgworker api on {socket.getfqdn()}",
+                "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}).encode() + b"\n",
+                mode=_PUBLIC_FILE)
 
     def original_path(self, job_id):
         return os.path.join(self.root, "originals", job_id)
@@ -110,9 +135,13 @@ class Storage:
     def _pending_path(self, job_id):
         return os.path.join(self.root, "jobs", job_id + ".pending")
 
-    def prepare(self):
+    def prepare(self, marker=False):
         """Create the directory tree, or set its modes on one an older
-        version made world-readable (the API and workers both call this)."""
+        version made world-readable (the API and workers both call this);
+        with ``marker`` (the API), mark it as the storage uploads go to."""
+        if marker:
+            os.makedirs(self.root, exist_ok=True)
+            self._write_marker()
         for part, mode in (("originals", _PRIVATE_DIR), ("jobs", _PRIVATE_DIR),
                            ("renditions", _PUBLIC_DIR)):
             path = os.path.join(self.root, part)

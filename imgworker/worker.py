@@ -68,10 +68,33 @@ class Worker:
             os.kill(os.getpid(), signum)
         self._stop_requested = True
 
-    def run(self):
-        """Consume until SIGTERM; returns the process exit status."""
+    def _handle_signals(self):
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
+
+    def wait_for_storage(self):
+        """Before becoming ready: wait until the storage root is the one the
+        API writes to (storage.MARKER). False if asked to stop meanwhile.
+        systemd's TimeoutStartSec= fails and restarts a unit that waits too
+        long, so the journal says why every time."""
+        self._handle_signals()
+        storage = self.policy.storage
+        if storage.is_shared_root():
+            return True
+        logger.error("Not ready: %s has no %s, so it is not the storage the API writes to "
+                     "(is the shared storage mounted? has the API ever run on it?). "
+                     "Waiting for it.", storage.root, os.path.basename(storage.marker_path))
+        self.notifier.status(f"Waiting for the storage: {storage.root} is not the API's "
+                             "(shared storage not mounted?)")
+        while not self._stop_requested and not storage.is_shared_root():
+            self._sleep(1.0)
+        if not self._stop_requested:
+            logger.info("%s is the API's storage now; carrying on.", storage.root)
+        return not self._stop_requested
+
+    def run(self):
+        """Consume until SIGTERM; returns the process exit status."""
+        self._handle_signals()
         backoff = 1.0
         while not self._stop_requested:
             try:

@@ -21,7 +21,7 @@ def world(tmp_path):
     settings = config.from_dict({"storage": {"root": str(tmp_path)},
                                  "worker": {"retry_delay": "0.01", "max_attempts": "3"}})
     storage = Storage(str(tmp_path))
-    storage.prepare()
+    storage.prepare(marker=True)     # as the API leaves it
     job_id = new_job_id()
     storage.save_original(job_id, samples.jpeg(800, 600))
     storage.write_job(Job.accepted(job_id, "jpeg", 800, 600, 1))
@@ -146,3 +146,37 @@ def test_an_unknown_job_is_acked_and_a_non_job_dead_lettered(world):
     assert policy.handle(message(new_job_id())) is Decision.ACK
     for body in (b"null", b'{"id": 1}', b"[]", b"\xff"):
         assert policy.handle(body) is Decision.DEAD_LETTER
+
+
+def test_a_root_that_lost_the_apis_marker_is_waited_out_not_taken_for_a_refused_upload(
+        world, tmp_path_factory):
+    # The shared storage unmounted under a running worker: its root is an
+    # empty directory and the job's record is out of sight. On the policy's
+    # third look the storage is "mounted" again: the root becomes a symlink
+    # to the real tree.
+    make, storage, job_id = world
+    mountpoint = str(tmp_path_factory.mktemp("mnt") / "imgworker")
+    os.makedirs(mountpoint)
+    looks = []
+
+    def mount_on_third_look():
+        looks.append(1)
+        if len(looks) == 3:
+            os.rmdir(mountpoint)
+            os.symlink(storage.root, mountpoint)
+        return False
+    policy = make(storage=Storage(mountpoint), stopping=mount_on_third_look)
+    assert policy.handle(message(job_id)) is Decision.ACK
+    job = storage.read_job(job_id)
+    assert (job.state, job.attempts) == (State.DONE, 1)
+    assert len(looks) >= 3
+
+
+def test_a_root_without_the_apis_marker_while_stopping_hands_the_job_back(world):
+    make, storage, job_id = world
+    elsewhere = Storage(os.path.join(storage.root, "unmounted"))
+    os.makedirs(elsewhere.root)
+    policy = make(raising(AssertionError("must not render")), storage=elsewhere,
+                  stopping=lambda: True)
+    assert policy.handle(message(job_id)) is Decision.REQUEUE
+    assert (storage.read_job(job_id).state, storage.read_job(job_id).attempts) == (State.QUEUED, 0)

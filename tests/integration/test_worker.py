@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from imgworker.storage import Storage
 from harness import samples
 
 #: A rendition slow enough (several seconds: a 24 MP lossless-ish WebP) that
@@ -120,13 +121,13 @@ def test_a_second_sigterm_exits_at_once_and_the_job_goes_back_to_the_queue(make_
 
 
 def test_systemd_hears_ready_status_watchdog_and_stopping(pipeline):
+    pipeline.start_api()        # which marks the storage as the API's: see test_shared_storage.py
     worker = pipeline.start_worker(env={"WATCHDOG_USEC": "2000000"})
     ready = worker.wait_notification("READY=1")
     assert "STATUS=Waiting for jobs; 0 done, 0 failed." in ready
     # WATCHDOG_USEC=2 s: pings at least every second
     pings = [m for m in worker.read_notifications(2.5) if m == "WATCHDOG=1"]
     assert len(pings) >= 2
-    pipeline.start_api()
     job_id = pipeline.upload(samples.jpeg(800, 600)).json()["id"]
     assert pipeline.wait_job(job_id)["state"] == "done"
     worker.wait_notification(f"STATUS=Processing job {job_id} (attempt 1).")
@@ -137,6 +138,7 @@ def test_systemd_hears_ready_status_watchdog_and_stopping(pipeline):
 
 def test_a_worker_that_cannot_reach_the_broker_never_says_ready(make_pipeline):
     pipeline = make_pipeline(broker={"url": "amqp://guest:guest@127.0.0.1:1/%2F"})
+    Storage(pipeline.root).prepare(marker=True)     # an API ran on this storage before
     worker = pipeline.start_worker(ready=False)
     worker.wait_notification("STATUS=Waiting for the broker")
     worker.read_notifications(3)
