@@ -1,4 +1,4 @@
-"""python3 -m bench [--smoke] [--out DIR] [--only engine,ingest,endtoend,memory]
+"""python3 -m bench [--smoke] [--out DIR] [--only engine,ingest,endtoend,memory,queues]
 
 Runs the benchmarks (see bench/__init__.py) and writes DIR/results.md and
 DIR/chart.png (default DIR: bench/results). Needs RabbitMQ on localhost (or
@@ -14,9 +14,9 @@ import tempfile
 from imgworker import config
 from harness.pipeline import AMQP_URL
 
-from . import endtoend, engine, ingest, inputs, memory, report
+from . import endtoend, engine, ingest, inputs, memory, queues, report
 
-PARTS = ("engine", "ingest", "endtoend", "memory")
+PARTS = ("engine", "ingest", "endtoend", "memory", "queues")
 
 
 def main(argv=None):
@@ -78,6 +78,10 @@ def main(argv=None):
             }
             for name, (main_mb, renderer_mb) in results["memory"].items():
                 log(f"  {name}: worker {main_mb:.0f} MB, renderer {renderer_mb:.0f} MB")
+
+        if "queues" in parts:
+            log("queue types: one node classic, one node quorum, a 3-node cluster")
+            results["queues"] = queues.run(workdir, AMQP_URL, photo, smoke, log=log)
 
     markdown = report.write(results, args.out)
     log(f"wrote {markdown} and {os.path.join(args.out, 'chart.png')}")

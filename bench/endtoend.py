@@ -35,15 +35,16 @@ def engine_rate(workdir, photo, repetitions):
     return 1000 / sample.median, sample
 
 
-def _fresh_pipeline(workdir, amqp_url):
+def _fresh_pipeline(workdir, amqp_url, broker=None):
     run_dir = os.path.join(workdir, f"e2e-{uuid.uuid4().hex[:8]}")
     os.makedirs(run_dir)
-    return Pipeline(amqp_url, run_dir, api={"workers": "2"}), run_dir
+    return Pipeline(amqp_url, run_dir, api={"workers": "2"}, broker=broker or {}), run_dir
 
 
-def drain(workdir, amqp_url, photo, jobs, workers):
-    """Jobs per second that ``workers`` workers drain from a full queue."""
-    pipeline, run_dir = _fresh_pipeline(workdir, amqp_url)
+def drain(workdir, amqp_url, photo, jobs, workers, broker=None):
+    """Jobs per second that ``workers`` workers drain from a full queue
+    (``broker``: [broker] options, e.g. queue_type)."""
+    pipeline, run_dir = _fresh_pipeline(workdir, amqp_url, broker)
     try:
         pipeline.start_api()
         ids = [pipeline.upload(data=photo, headers={"Content-Type": "image/jpeg"}).json()["id"]

@@ -87,8 +87,36 @@ def _baseline_server(pipeline):
     return process
 
 
-def run(workdir, amqp_url, photo, connections, seconds, repetitions, log=print):
-    """{design: [IngestResult per repetition]}"""
+def measure(workdir, amqp_url, design, server, body, content_type, clients, seconds,
+            api=None, env=None, broker=None):
+    """One wrk run against a fresh pipeline: ``server`` is "baseline" or
+    "imgworker"; ``api`` and ``broker`` are config options; an IngestResult."""
+    run_dir = os.path.join(workdir, f"ingest-{uuid.uuid4().hex[:8]}")
+    os.makedirs(run_dir)
+    pipeline = Pipeline(amqp_url, run_dir, api={"workers": "2", **(api or {})},
+                        broker=broker or {})
+    baseline = None
+    try:
+        if server == "baseline":
+            baseline = _baseline_server(pipeline)
+        else:
+            pipeline.start_api(env=env or {})
+        nginx = pipeline.start_nginx(worker_processes=2)
+        accepted, refused, duration, p50, p90, p99, worst = wrk(
+            nginx.base_url + "/upload", body, content_type, clients, seconds)
+        queued = pipeline.queue_depth()
+    finally:
+        if baseline is not None:
+            baseline.terminate()
+            baseline.wait()
+        pipeline.close()
+        shutil.rmtree(run_dir, ignore_errors=True)
+    return IngestResult(design, accepted / duration, p50, p90, p99, worst, accepted, refused,
+                        queued)
+
+
+def write_bodies(workdir, photo):
+    """(raw body path, multipart body path, multipart content type)"""
     body_dir = os.path.join(workdir, "bodies")
     os.makedirs(body_dir, exist_ok=True)
     raw_path = os.path.join(body_dir, "photo.jpg")
@@ -98,7 +126,12 @@ def run(workdir, amqp_url, photo, connections, seconds, repetitions, log=print):
     form_path = os.path.join(body_dir, "form")
     with open(form_path, "wb") as handle:
         handle.write(form)
+    return raw_path, form_path, form_type
 
+
+def run(workdir, amqp_url, photo, connections, seconds, repetitions, log=print):
+    """{design: [IngestResult per repetition]}"""
+    raw_path, form_path, form_type = write_bodies(workdir, photo)
     eatmydata = {"LD_PRELOAD": "libeatmydata.so"}
     designs = (
         # label, server, body, content type, [api] options, API environment, connections
@@ -118,30 +151,12 @@ def run(workdir, amqp_url, photo, connections, seconds, repetitions, log=print):
     for design, server, body, content_type, options, env, clients in designs:
         results[design] = []
         for repetition in range(repetitions + 1):          # the first is the warm-up
-            run_dir = os.path.join(workdir, f"ingest-{uuid.uuid4().hex[:8]}")
-            os.makedirs(run_dir)
-            pipeline = Pipeline(amqp_url, run_dir, api={"workers": "2", **options})
-            baseline = None
-            try:
-                if server == "baseline":
-                    baseline = _baseline_server(pipeline)
-                else:
-                    pipeline.start_api(env=env)
-                nginx = pipeline.start_nginx(worker_processes=2)
-                accepted, refused, duration, p50, p90, p99, worst = wrk(
-                    nginx.base_url + "/upload", body, content_type, clients, seconds)
-                queued = pipeline.queue_depth()
-            finally:
-                if baseline is not None:
-                    baseline.terminate()
-                    baseline.wait()
-                pipeline.close()
-                shutil.rmtree(run_dir, ignore_errors=True)
-            result = IngestResult(design, accepted / duration, p50, p90, p99, worst,
-                                  accepted, refused, queued)
+            result = measure(workdir, amqp_url, design, server, body, content_type, clients,
+                             seconds, api=options, env=env)
             if repetition == 0:
                 continue
             results[design].append(result)
-            log(f"  {design}: {result.accepted_per_second:.0f} accepted/s, p50 {p50:.1f} ms, "
-                f"p99 {p99:.1f} ms, {refused} refused, {queued}/{accepted} in the queue")
+            log(f"  {design}: {result.accepted_per_second:.0f} accepted/s, "
+                f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
+                f"{result.refused} refused, {result.queued}/{result.accepted} in the queue")
     return results

@@ -21,10 +21,12 @@ def test_the_bench_smoke_run_writes_its_tables_and_chart(amqp_url, tmp_path):
     results = (out / "results.md").read_text()
     assert "**Smoke run**" in results
     for heading in ("## 1. Renditions engine", "## 2. Ingest through nginx", "## 3. End to end",
-                    "## 4. Memory"):
+                    "## 4. Memory", "## 5. Queue types and the cluster"):
         assert heading in results
     for row in ("| naive Pillow (baseline) |", "| imgworker (images.render",
-                "| straightforward design (baseline), multipart |", "| 2 |"):
+                "| straightforward design (baseline), multipart |", "| 2 |",
+                "| one node, classic queue (baseline) |", "| 3-node cluster, quorum queue |",
+                "| kill -9 |"):
         assert row in results
     # every ingest design really queued what it accepted
     counts = re.findall(r"\| (\d+) / (\d+) \|$", results, re.M)
