@@ -14,6 +14,11 @@ workers start), and an operator. Each run ends in one of three ways:
 - there is no URL: the vhost, the user and its permissions are created and
   broker.ini is written, 0640 root:imgworker.
 
+A broker.ini written for a new install also says ``queue_type = quorum``
+(NEW_INSTALL_QUEUE_TYPE); one rewritten keeps the type the old file had, or
+none (the built-in ``classic``): RabbitMQ refuses to redeclare an existing
+queue as another type.
+
 The password goes to ``rabbitmqctl`` on its standard input, never on its
 command line, where ``ps`` would show it.
 """
@@ -37,6 +42,13 @@ logger = logging.getLogger(__name__)
 #: The first line of every broker.ini this command writes: only such a file
 #: is rewritten when its credentials stop working.
 MARKER = "# Written by 'imgworker setup-broker'"
+
+#: New installs get quorum queues: RabbitMQ's recommended durable queue,
+#: the only replicated type in 4.x (so a host that later joins a cluster
+#: needs no migration), with a delivery limit on disk as a backstop to the
+#: attempt count. On one node it costs little: bench/results/cluster. The
+#: built-in default stays classic, which is what older installs declared.
+NEW_INSTALL_QUEUE_TYPE = "quorum"
 
 #: What one rabbitmqctl call may take; each starts an Erlang VM (~1 s).
 _RABBITMQCTL_TIMEOUT = 90
@@ -74,7 +86,7 @@ def setup_broker(config_path, vhost="imgworker", user="imgworker", advertise=Non
         if problem is not _REFUSED:
             raise SetupError(f"[broker] url = {_redacted(url)} does not work: {problem}. "
                              "Start that RabbitMQ and run this again.", EX_UNAVAILABLE)
-        if _url_in(path) != url or not _written_by_us(path):
+        if _in(path, "url") != url or not _written_by_us(path):
             raise SetupError(
                 f"RabbitMQ refuses the credentials in [broker] url = {_redacted(url)}. "
                 "setup-broker did not write that URL, so it is left alone: fix it, or remove "
@@ -87,7 +99,8 @@ def setup_broker(config_path, vhost="imgworker", user="imgworker", advertise=Non
     rabbitmqctl.ensure_user(user, password)
     rabbitmqctl.run("set_permissions", "-p", vhost, user, ".*", ".*", ".*")
     url = f"amqp://{user}:{password}@127.0.0.1:5672/{urllib.parse.quote(vhost, safe='')}"
-    _write_broker_ini(path, url)
+    queue_type = _in(path, "queue_type") if os.path.exists(path) else NEW_INSTALL_QUEUE_TYPE
+    _write_broker_ini(path, url, queue_type)
     problem = _connection_problem(url)
     if problem is not None:
         raise SetupError(f"wrote {path}, but its URL does not work: {problem}", EX_UNAVAILABLE)
@@ -119,9 +132,10 @@ def _connection_problem(url):
     return None
 
 
-def _url_in(path):
+def _in(path, option):
+    """[broker] option's value in the file at path ("" if unset; None if unreadable)."""
     try:
-        return configuration.read_raw(path).get("broker", "url", fallback="").strip()
+        return configuration.read_raw(path).get("broker", option, fallback="").strip()
     except (OSError, configuration.ConfigError):
         return None
 
@@ -134,10 +148,14 @@ def _written_by_us(path):
         return False
 
 
-def _write_broker_ini(path, url):
+def _write_broker_ini(path, url, queue_type):
     text = (f"{MARKER} for the local RabbitMQ.\n"
             "# Yours to edit: on a worker-only host, point it at the broker's host instead.\n"
             f"[broker]\nurl = {url}\n")
+    if queue_type:
+        text += ("# The type the queues were declared with; to change it, see\n"
+                 "# 'imgworker migrate-queues' in imgworker(1).\n"
+                 f"queue_type = {queue_type}\n")
     os.makedirs(os.path.dirname(path), exist_ok=True)
     storage.write_atomically(path, text.encode())   # created 0600: never briefly wider
     try:

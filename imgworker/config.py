@@ -138,9 +138,11 @@ SCHEMA = {
                              "classic: the job queue and the dead-letter queue live on one "
                              "node. quorum: both are replicated over a cluster's nodes (Raft); "
                              "dead-lettering is at-least-once and RabbitMQ's delivery limit "
-                             "backs up the attempt count. RabbitMQ refuses to redeclare a queue "
-                             "as another type: to change it on a running system, stop the API "
-                             "and workers and run 'imgworker migrate-queues'."),
+                             "backs up the attempt count. A new install's config.d/broker.ini "
+                             "says quorum; without it, classic, as older installs declared. "
+                             "RabbitMQ refuses to redeclare a queue as another type: to change "
+                             "it on a running system, stop the API and workers and run "
+                             "'imgworker migrate-queues'."),
         "prefetch": Option("1", _positive_int,
                            "Unacknowledged jobs a worker holds at once; 1 keeps jobs spread evenly."),
         "heartbeat": Option("60", _positive_int,

@@ -45,10 +45,15 @@ def setup_broker(config_path, name, *extra):
                           cwd=REPO, capture_output=True, text=True, timeout=300)
 
 
-def url_in(path):
+def configparser_value(path, option):
+    """[broker] option in the file at path, or None."""
     parser = configparser.ConfigParser(interpolation=None)
     parser.read(path)
-    return parser["broker"]["url"]
+    return parser["broker"].get(option)
+
+
+def url_in(path):
+    return configparser_value(path, "url")
 
 
 def connects(url):
@@ -79,6 +84,8 @@ def test_setup_broker_creates_a_vhost_and_user_and_writes_a_private_broker_ini(t
     assert "guest" not in url
     assert connects(url)
     assert stat.S_IMODE(os.stat(broker_ini).st_mode) == 0o640
+    # a new install's queues are quorum queues
+    assert configparser_value(broker_ini, "queue_type") == "quorum"
     password = url.split(":")[2].split("@")[0]
     assert f"url = amqp://{local_broker}:{password}@broker.example:5672/{local_broker}" \
         in result.stdout
@@ -116,6 +123,25 @@ def test_a_broker_ini_it_wrote_gets_a_new_password_when_the_broker_forgot_the_ol
     # Then the file has a new URL that works
     assert result.returncode == 0, result.stderr
     assert url_in(broker_ini) != old and connects(url_in(broker_ini))
+    assert configparser_value(broker_ini, "queue_type") == "quorum"
+
+
+def test_a_rewrite_keeps_the_queue_type_an_older_broker_ini_had_none_of(tmp_path, local_broker):
+    # Given a broker.ini from before queue_type existed (its queues are
+    # classic), whose password the broker no longer takes
+    config_path = tmp_path / "config.ini"
+    config_path.write_text("")
+    assert setup_broker(config_path, local_broker).returncode == 0
+    broker_ini = tmp_path / "config.d" / "broker.ini"
+    broker_ini.write_text("\n".join(line for line in broker_ini.read_text().splitlines()
+                                    if "queue_type" not in line) + "\n")
+    rabbitmqctl("change_password", local_broker, stdin="reset-by-someone\n")
+
+    assert setup_broker(config_path, local_broker).returncode == 0
+
+    # Then it still declares classic queues, as the ones it has
+    assert connects(url_in(broker_ini))
+    assert configparser_value(broker_ini, "queue_type") is None
 
 
 def test_a_url_someone_else_wrote_is_never_rewritten(tmp_path, local_broker):
