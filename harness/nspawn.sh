@@ -7,7 +7,8 @@
 # nspawn process and one PID 1:
 #   root_from_cache RELEASE DIR      unpack (building it first if stale) a minimal root
 #   download_closure DIR DEB         apt's cache in DIR gets everything DEB pulls in
-#   boot DIR NAME                    boot it; sets nspawn_pid and pid1
+#   boot DIR NAME [OPTION...]        boot it (nspawn OPTIONs; default a private
+#                                    network); sets nspawn_pid and pid1
 #   X CMD...                         run CMD inside the container booted last
 #   install_deb ARGS...              apt-get install inside, waiting for the dpkg lock
 
@@ -41,9 +42,12 @@ download_closure() {   # root deb: the booted container cannot download
         >"$work/download.log" 2>&1 || { tail_to_stderr "$work/download.log"; return 1; }
 }
 
-boot() {   # root machine-name
-    systemd-nspawn -q -b -D "$1" --register=no --keep-unit --private-network -M "$2" \
-        >"$work/console-$2.log" 2>&1 &
+boot() {   # root machine-name [nspawn-option...]
+    local root=$1 name=$2
+    shift 2
+    [ $# -gt 0 ] || set -- --private-network
+    systemd-nspawn -q -b -D "$root" --register=no --keep-unit -M "$name" "$@" \
+        >"$work/console-$name.log" 2>&1 &
     nspawn_pid=$!
     pid1=""
     for _ in $(seq 50); do pid1=$(pgrep -P "$nspawn_pid" -x systemd || true); [ -n "$pid1" ] && break; sleep 0.2; done

@@ -1,6 +1,6 @@
 """The Debian package in a booted Debian 12 and 13, under a real systemd
-(tests/system/e2e-nspawn and install-order do the work; this runs them for
-each release).
+(tests/system/e2e-nspawn, install-order and worker-host do the work; this
+runs them for each release).
 
 Needs root, systemd-nspawn and a network that reaches Debian's mirror (to
 build the container's root): it skips on a laptop without them and FAILS
@@ -50,3 +50,8 @@ def test_the_stack_comes_up_whatever_order_apt_configures_the_packages_in(releas
     output = _run("install-order", release, 900)
     for variant in ("preinstalled", "broker-first", "later"):
         assert f"== PASS: {variant} ({release})" in output
+
+
+@pytest.mark.parametrize("release", ["bookworm", "trixie"])
+def test_a_worker_only_host_renders_jobs_from_another_hosts_api_over_a_cluster(release):
+    assert _run("worker-host", release, 900).endswith(f"== PASS: worker-host ({release})")
