@@ -100,16 +100,17 @@ def cmd_setup_broker(args):
     from .broker_setup import SetupError, setup_broker
     _load_config(args)          # a broken config.ini is reported as such first
     log.setup()
+    path = args.config or os.environ.get("IMGWORKER_CONFIG") or configuration.DEFAULT_PATH
     try:
-        url = setup_broker(args.config or os.environ.get("IMGWORKER_CONFIG")
-                           or configuration.DEFAULT_PATH,
-                           vhost=args.vhost, user=args.user, advertise=args.advertise)
+        url = setup_broker(path, vhost=args.vhost, user=args.user, advertise=args.advertise)
     except SetupError as error:
         logger.error("Broker set-up: %s", error)
         return error.exit_code
     if not args.quiet:
+        # the queue type too: a host declaring the other type is refused by RabbitMQ
         print("A worker-only host needs this in /etc/imgworker/config.d/broker.ini:\n"
-              f"[broker]\nurl = {url}")
+              f"[broker]\nurl = {url}\n"
+              f"queue_type = {configuration.load(path).broker.queue_type}")
     return 0
 
 

@@ -87,8 +87,8 @@ def test_setup_broker_creates_a_vhost_and_user_and_writes_a_private_broker_ini(t
     # a new install's queues are quorum queues
     assert configparser_value(broker_ini, "queue_type") == "quorum"
     password = url.split(":")[2].split("@")[0]
-    assert f"url = amqp://{local_broker}:{password}@broker.example:5672/{local_broker}" \
-        in result.stdout
+    assert f"url = amqp://{local_broker}:{password}@broker.example:5672/{local_broker}\n" \
+        "queue_type = quorum\n" in result.stdout
 
 
 def test_a_rerun_leaves_a_working_broker_ini_alone(tmp_path, local_broker):
