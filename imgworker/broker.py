@@ -23,6 +23,11 @@ logger = logging.getLogger(__name__)
 #: durable queue and publisher confirms, a 202 survives a broker restart).
 PERSISTENT = 2
 
+#: The durable topic exchange a job's end is published to, routing key
+#: ``job.done`` or ``job.failed``, body the job as GET /jobs/<id> shows it.
+#: Public contract: other services bind their own queues to it.
+EVENTS_EXCHANGE = "imgworker.events"
+
 
 class BrokerUnavailable(Exception):
     """The broker cannot take a message now (down, unreachable, blocked by a
@@ -89,9 +94,18 @@ def topology(config):
 
 
 def declare_topology(channel, config):
-    """Declare the topology on a pika BlockingChannel."""
+    """Declare the topology on a pika BlockingChannel: the queues, and the
+    events exchange."""
     for queue, arguments in topology(config):
         channel.queue_declare(queue, durable=True, arguments=arguments)
+    channel.exchange_declare(EVENTS_EXCHANGE, "topic", durable=True)
+
+
+def job_event(job):
+    """(routing key, body, properties) of the event that says a job ended."""
+    return (f"job.{job.state.value}", json.dumps(job.view()).encode(),
+            pika.BasicProperties(delivery_mode=PERSISTENT, message_id=job.id,
+                                 content_type="application/json"))
 
 
 def job_message(job_id, fmt):
@@ -194,6 +208,9 @@ class Publisher:
             self._channel.queue_declare(queue, durable=True, arguments=arguments,
                                         callback=self._settle)
             self._wait(f"declare queue {queue}")
+        self._channel.exchange_declare(EVENTS_EXCHANGE, "topic", durable=True,
+                                       callback=self._settle)
+        self._wait(f"declare exchange {EVENTS_EXCHANGE}")
 
     def _on_connection_closed(self, _connection, reason):
         self._settle(reason)

@@ -60,6 +60,10 @@ class JobPolicy:
         self._status = status
         self._stopping = stopping
         self.current_job = None     # id of the job in hand
+        #: The Job that the last handle() saw end (done or failed), also when
+        #: it had ended before (a redelivery): its event is published before
+        #: the ack, so a worker dying in between makes it twice, never zero times.
+        self.ended_job = None
         self.jobs_done = 0
         self.jobs_failed = 0
 
@@ -70,6 +74,7 @@ class JobPolicy:
         """Process one delivery; returns a Decision. Never raises: an
         exception here would leave the delivery unsettled, and with prefetch
         1 the worker would wait for it forever while feeding the watchdog."""
+        self.ended_job = None
         try:
             message = json.loads(body)
         except ValueError:
@@ -100,6 +105,7 @@ class JobPolicy:
         if job.state.finished:
             # Finished before, but the ack was lost (crash, broker restart).
             log.info("already %s; acknowledging the redelivery.", job.state.value)
+            self.ended_job = job
             return Decision.ACK if job.state is State.DONE else Decision.DEAD_LETTER
 
         attempts = job.attempts + 1
@@ -137,6 +143,7 @@ class JobPolicy:
                 self.storage.write_job(job)
             if not self._when_space(log, write_results):
                 return Decision.REQUEUE
+            self.ended_job = job
             self.jobs_done += 1
             log.info("done in %.0f ms: %s.", 1000 * (time.monotonic() - started),
                      ", ".join(f"{name} {r['width']}x{r['height']}"
@@ -201,6 +208,7 @@ class JobPolicy:
         except (OSError, StorageFull) as error:
             log.error("could not record the failure (%s); it is dead-lettered all the same.",
                       error)
+        self.ended_job = job
         return Decision.DEAD_LETTER
 
     def _retry(self, job, log, attempts, error):

@@ -54,6 +54,7 @@ class Worker:
                                 self.renderer.render, progress=self._progress,
                                 status=notifier.status, stopping=lambda: self._stop_requested)
         self._in_hand = {}          # delivery tag -> Future, on the current channel
+        self._events = None         # the confirmed channel events go out on
         self._progress_at = None    # monotonic time of the job's last step
         self._stop_requested = False
         self._ready_sent = False
@@ -129,6 +130,8 @@ class Worker:
             channel = connection.channel()
             channel.basic_qos(prefetch_count=self.config.broker.prefetch)
             broker.declare_topology(channel, self.config)
+            self._events = connection.channel()
+            self._events.confirm_delivery()
             on_message = functools.partial(self._on_message, connection)
             consumer_tag = channel.basic_consume(self.config.broker.queue, on_message)
             logger.info("Consuming from %s (prefetch %d).", self.config.broker.queue,
@@ -196,21 +199,44 @@ class Worker:
     # -- one delivery ---------------------------------------------------------
     def _on_message(self, connection, channel, method, properties, body):
         tag = method.delivery_tag
-        future = self._render_thread.submit(self.policy.handle, body, method.redelivered)
+        future = self._render_thread.submit(self._handle, body, method.redelivered)
         self._in_hand[tag] = future
         future.add_done_callback(functools.partial(self._settle, connection, channel, tag))
 
+    def _handle(self, body, redelivered):
+        """In the render thread: the policy's decision, and the job it saw end."""
+        decision = self.policy.handle(body, redelivered)
+        return decision, self.policy.ended_job
+
+    def _publish_event(self, job):
+        """On the I/O thread: the job's end to the events exchange, confirmed.
+        False if the broker refused it."""
+        routing_key, body, properties = broker.job_event(job)
+        try:
+            self._events.basic_publish(broker.EVENTS_EXCHANGE, routing_key, body, properties)
+        except pika.exceptions.NackError:
+            logger.warning("The broker refused the %s event of job %s; the job is handed "
+                           "back, and its event sent again.", routing_key, job.id)
+            return False
+        return True
+
     def _settle(self, connection, channel, tag, future):
-        """Runs in the render thread when a job ends: schedule its ack on
-        the I/O thread."""
+        """Runs in the render thread when a job ends: schedule its event and
+        its ack on the I/O thread."""
         if future.cancelled():
             return
-        decision = future.result()
+        decision, ended = future.result()
 
         def settle():
             self._in_hand.pop(tag, None)
             if not channel.is_open:
                 return  # the broker redelivers it; our outputs are idempotent
+            # The event before the ack: dying in between sends it twice
+            # (the redelivery finds the job ended and sends it again), never
+            # zero times.
+            if ended is not None and not self._publish_event(ended):
+                channel.basic_nack(tag, requeue=True)
+                return
             if decision is Decision.ACK:
                 channel.basic_ack(tag)
             elif decision is Decision.DEAD_LETTER:
