@@ -130,6 +130,41 @@ def cmd_migrate_queues(args):
     return 0
 
 
+def cmd_dlq(args):
+    from . import broker, dead_letters
+    config = _load_broker_config(args)
+    log.setup()
+    try:
+        if args.action == "list":
+            letters = dead_letters.list_dead(config)
+            if args.json:
+                print(json.dumps([letter.as_dict() for letter in letters], indent=1))
+            for letter in ([] if args.json else letters):
+                shown = letter.as_dict()
+                print(f"{shown['id'] or '-':32}  {shown['since'] or '-':20}  "
+                      f"{shown['attempts'] if shown['attempts'] is not None else '-':>3}  "
+                      f"{shown['reason']}")
+            if not args.json:
+                print(f"{len(letters)} in {config.broker.dead_letter_queue}", file=sys.stderr)
+        elif args.action == "replay":
+            if not args.all and not args.ids:
+                print("imgworker dlq replay: name job ids, or --all", file=sys.stderr)
+                return 2
+            replayed, missing = dead_letters.replay(config, None if args.all else args.ids)
+            print(f"{len(replayed)} jobs queued again" + "".join(f"\n  {i}" for i in replayed))
+            for job_id in missing:
+                print(f"imgworker: {job_id} is not in {config.broker.dead_letter_queue}",
+                      file=sys.stderr)
+            return 1 if missing else 0
+        else:
+            removed = dead_letters.purge(config, args.older_than)
+            print(f"{removed} dead letters removed")
+    except broker.BrokerUnavailable as error:
+        logger.error("dlq %s stopped: %s. Nothing was lost; run it again.", args.action, error)
+        return 1
+    return 0
+
+
 def cmd_check_config(args):
     if args.template:
         sys.stdout.write(configuration.template())
@@ -188,6 +223,14 @@ def cmd_submit(args):
         return 1
     print(f"imgworker: job {body['id']} not finished after {args.timeout} s", file=sys.stderr)
     return 1
+
+
+def _duration(text):
+    from .dead_letters import parse_duration
+    try:
+        return parse_duration(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def build_parser():
@@ -249,6 +292,25 @@ def build_parser():
     migrate.add_argument("--to", choices=("classic", "quorum"),
                          help="the queue type (default: [broker] queue_type)")
     migrate.set_defaults(func=cmd_migrate_queues)
+
+    dlq = commands.add_parser(
+        "dlq", help="look at, replay or purge the dead-letter queue",
+        description="The jobs that failed for good, in [broker] dead_letter_queue: list "
+                    "them, queue them again (after fixing why they failed), or remove them. "
+                    "Nothing is lost if it is cut short: run it again.")
+    actions = dlq.add_subparsers(dest="action", required=True, metavar="ACTION")
+    listing = actions.add_parser("list", help="id, reason, attempts and since when of each")
+    listing.add_argument("--json", action="store_true", help="as a JSON list")
+    replaying = actions.add_parser(
+        "replay", help="queue jobs again: attempts start over; the dead letter is removed "
+                       "only once the broker confirmed the new message")
+    replaying.add_argument("ids", nargs="*", metavar="ID", help="job ids")
+    replaying.add_argument("--all", action="store_true", help="every job in the queue")
+    purging = actions.add_parser("purge", help="remove dead letters (the records stay)")
+    purging.add_argument("--older-than", type=_duration, metavar="DURATION",
+                         help="only those dead-lettered longer ago than this (90s, 15m, 12h, "
+                              "7d); default all")
+    dlq.set_defaults(func=cmd_dlq)
 
     sweeper = commands.add_parser("sweep", help="queue uploads a crashed API left behind",
                                   description="Queue again the uploads whose API process died "

@@ -7,9 +7,12 @@ moves between them, in one place.
       │  │ fail      requeue  │   │ └─ start (redelivered after a crash)
       │  └──────► failed ◄────┘   │
       └───────────────────────────┘ requeue (a transient error: retried)
+      ▲
+      └─ replay, from failed: a person's decision (``imgworker dlq replay``)
 
 The API writes a record ``queued``; a worker moves it on. ``done`` and
-``failed`` are final: a redelivery of a finished job is only acknowledged.
+``failed`` are final for the workers: a redelivery of a finished job is only
+acknowledged. Only a person moves a failed job on, by replaying it.
 
 Standard library only, so the tools that read records inside the booted
 test containers (the fault ledger, the poison-job killer) use it too.
@@ -38,7 +41,7 @@ _MOVES = {
     State.QUEUED: {State.PROCESSING, State.FAILED},
     State.PROCESSING: {State.PROCESSING, State.DONE, State.FAILED, State.QUEUED},
     State.DONE: set(),
-    State.FAILED: set(),
+    State.FAILED: set(),        # but a person may replay it: Job.replay
 }
 
 
@@ -109,6 +112,15 @@ class Job:
     def requeue(self, reason):
         self._move(State.QUEUED)
         self.last_error = reason
+
+    def replay(self):
+        """A failed job queued again by a person: its attempts start over;
+        why it failed is kept as the last error. Not a move a worker makes."""
+        if self.state is not State.FAILED:
+            raise ValueError(f"job {self.id}: only a failed job is replayed, not a "
+                             f"{self.state.value} one")
+        self.state, self.updated_at = State.QUEUED, time.time()
+        self.attempts, self.last_error, self.error = 0, self.error, None
 
     def view(self):
         """What GET /jobs/<id> answers."""

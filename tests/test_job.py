@@ -35,3 +35,16 @@ def test_a_finished_job_never_moves_again_and_a_queued_one_cannot_be_done(moves)
     with pytest.raises(ValueError, match="no move from"):
         for move in moves:
             calls[move]()
+
+
+def test_only_a_failed_job_is_replayed_and_its_attempts_start_over():
+    record = Job.accepted("a" * 32, "png", 1, 1, 1)
+    with pytest.raises(ValueError, match="only a failed job"):
+        record.replay()
+    record.start("1")
+    record.fail("the image cannot be processed: truncated")
+    record.replay()
+    assert (record.state, record.attempts, record.error, record.last_error) == \
+        (State.QUEUED, 0, None, "the image cannot be processed: truncated")
+    record.start("2")
+    assert record.attempts == 1

@@ -1,0 +1,180 @@
+"""``imgworker dlq``: the dead-letter queue, where jobs that failed for good
+wait for a person.
+
+- list: what is there -- job id, why it failed, attempts, since when --
+  left in place;
+- replay: the job queued again. Its record is reset first (attempts start
+  over; the old error is kept as the last one), then its message republished
+  with a publisher confirm, and only after that confirm is the dead letter
+  removed. A replay cut short at any point leaves the dead letter, so
+  running it again finishes the job; one queued twice is done once (a worker
+  acknowledges a finished job);
+- purge: dead letters removed, all or those older than a duration. The
+  jobs' records stay, ``failed``: GET /jobs/<id> still says why.
+
+While the queue is read, its messages are held unacknowledged on one
+channel; whatever is not removed goes back to the queue when the connection
+closes.
+"""
+
+import datetime
+import json
+import logging
+from dataclasses import dataclass
+
+import pika
+import pika.exceptions
+
+from . import broker
+from .job import State
+from .storage import Storage, is_job_id
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class DeadLetter:
+    job_id: str            # None: not an imgworker job message
+    reason: str            # the record's error, or RabbitMQ's x-death reason
+    attempts: int          # None without a record
+    since: datetime.datetime   # when it was dead-lettered (UTC), if RabbitMQ said
+    tag: int
+
+    def as_dict(self):
+        return {"id": self.job_id, "reason": self.reason, "attempts": self.attempts,
+                "since": self.since.strftime("%Y-%m-%dT%H:%M:%SZ") if self.since else None}
+
+
+class DeadLetterQueue:
+    """A connection holding every dead letter unacknowledged (a context
+    manager: leaving it returns what was not removed)."""
+
+    def __init__(self, config):
+        self.config = config
+        self.storage = Storage(config.storage.root)
+        self._connection = None
+        self._channel = None
+
+    def __enter__(self):
+        try:
+            self._connection = pika.BlockingConnection(broker.parameters(self.config, "dlq"))
+            self._channel = self._connection.channel()
+            broker.declare_topology(self._channel, self.config)
+        except pika.exceptions.AMQPError as error:
+            raise broker.BrokerUnavailable(broker.describe(error)) from None
+        except OSError as error:
+            raise broker.BrokerUnavailable(f"cannot reach the broker ({error})") from None
+        return self
+
+    def __exit__(self, *_exc):
+        if self._connection is not None and self._connection.is_open:
+            try:
+                self._connection.close()
+            except pika.exceptions.AMQPError:
+                pass
+
+    def take_all(self):
+        """Every dead letter, oldest first, held until the connection closes."""
+        letters = []
+        while True:
+            method, properties, body = self._channel.basic_get(self.config.broker.dead_letter_queue)
+            if method is None:
+                return letters
+            letters.append(self._describe(method.delivery_tag, properties, body))
+
+    def _describe(self, tag, properties, body):
+        try:
+            message = json.loads(body)
+        except ValueError:
+            message = None
+        job_id = message.get("id") if isinstance(message, dict) else None
+        death = ((properties.headers or {}).get("x-death") or [{}])[0]
+        since = death.get("time")
+        reason = f"dead-lettered by RabbitMQ ({death.get('reason', 'unknown reason')})"
+        if not is_job_id(job_id):
+            return DeadLetter(None, f"not an imgworker job: {body[:60]!r}", None, since, tag)
+        job = self.storage.read_job(job_id)
+        if job is not None and job.error:
+            reason = job.error
+        return DeadLetter(job_id, reason, job.attempts if job else None, since, tag)
+
+    def remove(self, letter):
+        self._channel.basic_ack(letter.tag)
+
+
+def list_dead(config):
+    with DeadLetterQueue(config) as queue:
+        return queue.take_all()
+
+
+def replay(config, job_ids=None):
+    """Queue again the dead-lettered jobs with these ids (None: all);
+    returns (replayed ids, ids not found in the dead-letter queue)."""
+    wanted = None if job_ids is None else set(job_ids)
+    replayed = []
+    publisher = broker.Publisher(config)
+    try:
+        with DeadLetterQueue(config) as queue:
+            for letter in queue.take_all():
+                if letter.job_id is None or (wanted is not None and letter.job_id not in wanted):
+                    continue
+                if _replay_one(queue, publisher, letter):
+                    replayed.append(letter.job_id)
+    finally:
+        publisher.close()
+    found = set(replayed)
+    return replayed, sorted((wanted or set()) - found)
+
+
+def _replay_one(queue, publisher, letter):
+    job = queue.storage.read_job(letter.job_id)
+    if job is None:
+        logger.warning("Job %s has no record below %s: it cannot be replayed (left in the "
+                       "dead-letter queue).", letter.job_id, queue.storage.root)
+        return False
+    if job.state is State.DONE:
+        logger.info("Job %s is done after all; removing its dead letter.", job.id)
+        queue.remove(letter)
+        return False
+    if job.state is State.FAILED:
+        job.replay()
+        queue.storage.write_job(job)
+    # (a record already queued: an earlier replay stopped before removing
+    # the dead letter; the message goes out again)
+    publisher.publish(job.id, broker.job_message(job.id, job.original["format"]))
+    queue.remove(letter)
+    logger.info("Job %s queued again (it had failed: %s).", job.id, job.last_error)
+    return True
+
+
+def purge(config, older_than=None):
+    """Remove dead letters (those dead-lettered more than ``older_than``
+    seconds ago, or all); returns how many."""
+    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    removed = 0
+    with DeadLetterQueue(config) as queue:
+        for letter in queue.take_all():
+            if older_than is not None and (
+                    letter.since is None
+                    or (now - letter.since).total_seconds() <= older_than):
+                continue
+            queue.remove(letter)
+            removed += 1
+    return removed
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text):
+    """Seconds in "90", "90s", "15m", "12h" or "7d"."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:], None)
+    number = text[:-1] if unit else text
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration (e.g. 90s, 15m, 12h, 7d)") from None
+    if seconds < 0:
+        raise ValueError(f"{text!r}: a duration is not negative")
+    return seconds

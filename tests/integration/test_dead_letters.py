@@ -1,0 +1,110 @@
+"""`imgworker dlq list | replay | purge` against a real broker, run as an
+operator runs them."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from imgworker.job import State
+from imgworker.storage import Storage
+from harness import samples
+from harness.pipeline import REPO
+
+
+def dlq(pipeline, *args):
+    return subprocess.run([sys.executable, "-m", "imgworker", "--config", pipeline.config_path,
+                           "dlq", *args], cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def wait_dead_letters(pipeline, count, timeout=30):
+    deadline = time.monotonic() + timeout
+    while len(pipeline.dead_letters()) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return pipeline.dead_letters()
+
+
+def test_a_job_that_failed_for_a_reason_since_fixed_is_listed_replayed_and_done(pipeline):
+    pipeline.start_api()
+    job_id = pipeline.upload(samples.jpeg(800, 600)).json()["id"]
+    # it fails: its original went missing (say, a restore from backup was pending)
+    original = Storage(pipeline.root).original_path(job_id)
+    os.rename(original, original + ".away")
+    pipeline.start_worker()
+    assert pipeline.wait_job(job_id)["state"] == "failed"
+    assert wait_dead_letters(pipeline, 1) == [(job_id, "rejected")]
+
+    listed = dlq(pipeline, "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    [letter] = json.loads(listed.stdout)
+    assert (letter["id"], letter["reason"], letter["attempts"]) == \
+        (job_id, "the uploaded original is missing from storage", 1)
+    assert letter["since"].endswith("Z")
+    assert pipeline.dead_letters() == [(job_id, "rejected")]     # listing left it there
+    assert job_id in dlq(pipeline, "list").stdout
+
+    # the reason is fixed, and the job replayed
+    os.rename(original + ".away", original)
+    replayed = dlq(pipeline, "replay", job_id)
+    assert replayed.returncode == 0, replayed.stderr
+    assert "1 jobs queued again" in replayed.stdout
+    job = pipeline.wait_job(job_id)
+    assert (job["state"], job["attempts"]) == ("done", 1)
+    assert sorted(job["renditions"]) == ["large", "medium", "thumb"]
+    assert pipeline.read_job(job_id).last_error == "the uploaded original is missing from storage"
+    assert pipeline.dead_letters() == []
+
+
+def test_a_replay_cut_short_after_resetting_the_record_is_finished_by_the_next(pipeline):
+    pipeline.start_api()
+    pipeline.start_worker()
+    job_id = pipeline.upload(data=samples.truncated_jpeg(),
+                             headers={"Content-Type": "image/jpeg"}).json()["id"]
+    assert pipeline.wait_job(job_id)["state"] == "failed"
+    wait_dead_letters(pipeline, 1)
+    # a replay that died after writing the record, before publishing
+    storage = Storage(pipeline.root)
+    job = storage.read_job(job_id)
+    job.replay()
+    storage.write_job(job)
+    assert pipeline.dead_letters() == [(job_id, "rejected")]   # nothing lost meanwhile
+
+    assert dlq(pipeline, "replay", "--all").returncode == 0
+    # it is queued, taken again and (still truncated) fails again: one attempt
+    deadline = time.monotonic() + 30
+    while pipeline.read_job(job_id).state is not State.FAILED and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (pipeline.read_job(job_id).state, pipeline.read_job(job_id).attempts) == \
+        (State.FAILED, 1)
+
+
+def test_purge_removes_dead_letters_older_than_asked_keeps_records_and_skips_nothing_else(
+        pipeline):
+    pipeline.start_api()
+    pipeline.start_worker()
+    ids = [pipeline.upload(data=samples.truncated_jpeg(),
+                           headers={"Content-Type": "image/jpeg"}).json()["id"] for _ in range(2)]
+    pipeline.publish_raw(b"not a job")
+    assert len(wait_dead_letters_raw(pipeline, 3)) == 3
+
+    replay_all = dlq(pipeline, "replay", "--all")
+    listed = json.loads(dlq(pipeline, "list", "--json").stdout)
+    assert [letter["id"] for letter in listed].count(None) == 1     # never replayed
+    wait_dead_letters_raw(pipeline, 3)
+    assert replay_all.returncode == 0
+
+    kept = dlq(pipeline, "purge", "--older-than", "1h")
+    assert (kept.returncode, kept.stdout.strip()) == (0, "0 dead letters removed")
+    assert len(pipeline.dead_lettered()) == 3
+    purged = dlq(pipeline, "purge")
+    assert purged.stdout.strip() == "3 dead letters removed"
+    assert pipeline.dead_lettered() == []
+    assert all(pipeline.job(job_id)["state"] == "failed" for job_id in ids)
+
+
+def wait_dead_letters_raw(pipeline, count, timeout=30):
+    deadline = time.monotonic() + timeout
+    while len(pipeline.dead_lettered()) < count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return pipeline.dead_lettered()
