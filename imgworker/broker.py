@@ -293,6 +293,11 @@ class Publisher:
             self._drop()
             raise BrokerUnavailable(describe(error), stale_connection=reused) from None
         if isinstance(confirm.method, pika.spec.Basic.Nack):
+            # A fresh channel for the next message: after a quorum queue's
+            # leader was killed, RabbitMQ 3.10 went on nacking every message
+            # on a channel that had published to the old leader (for minutes,
+            # though a new leader took the rest), while new channels worked.
+            self._drop()
             raise BrokerUnavailable("the broker refused the message (nack)")
         if self._returned:
             raise BrokerUnavailable(f"no queue {self._config.broker.queue} took the message")
@@ -300,6 +305,20 @@ class Publisher:
 
 class _TimedOut:
     """What a wait settles with when its time is up."""
+
+
+#: Cap of the consumers' exponential reconnect backoff (pika's reconnecting
+#: example): a lost broker is retried after 1, 2, 4 ... 30 s.
+MAX_RECONNECT_BACKOFF = 30.0
+
+
+def report_lost(error, backoff, notifier):
+    """What a consumer (worker, webhook sender) says when its connection
+    failed: a journal line and the systemd status."""
+    reason = describe(error) if isinstance(error, pika.exceptions.AMQPError) \
+        else f"cannot reach the broker ({error})"
+    logger.warning("Lost the broker: %s. Reconnecting in %.0f s.", reason, backoff)
+    notifier.status(f"Waiting for the broker: {reason}")
 
 
 def describe(error):
