@@ -16,6 +16,7 @@ setup(
         "pika>=1.2.0",
         "Pillow>=9.4.0",
         "gunicorn>=20.1.0",
+        "prometheus_client>=0.16.0",
         "sdnotify>=0.3.1",
         "systemd-python>=234",
     ],

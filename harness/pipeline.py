@@ -250,12 +250,17 @@ class Pipeline:
                 handle.write(f"[{section}]\n")
                 handle.writelines(f"{key} = {value}\n" for key, value in options.items())
         self.amqp_url = amqp_url
+        # shared by this pipeline's API and workers, as /run/imgworker/metrics
+        # is by the units (imgworker/metrics.py)
+        self.metrics_dir = os.path.join(self.workdir, "metrics")
+        os.makedirs(self.metrics_dir, exist_ok=True)
         self.services = []
         self.nginx = None
 
     def start(self, name, *args, env=None, ready=True):
-        service = Service(name, args, {"IMGWORKER_CONFIG": self.config_path, **(env or {})},
-                          self.workdir)
+        service = Service(name, args, {"IMGWORKER_CONFIG": self.config_path,
+                                       "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
+                                       **(env or {})}, self.workdir)
         self.services.append(service)
         if ready:
             service.wait_notification("READY=1")

@@ -5,6 +5,9 @@
     GET  /jobs/<id>               the job's state (queued|processing|done|failed)
     GET  /renditions/<id>/<file>  a rendition (nginx serves these in production)
     GET  /healthz                 200 when the broker is reachable, else 503
+    GET  /metrics                 Prometheus metrics of this host's API and
+                                  workers (nginx answers 404 for it: a
+                                  scraper asks the API's own address)
 
 Every error is JSON ``{"error": "..."}`` with a status a client can act on:
 400 malformed, 413 too large, 415 not an accepted image, 422 over the size
@@ -17,10 +20,11 @@ import logging
 import os
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-from . import broker, images, ingest, multipart
+from . import broker, images, ingest, metrics, multipart
 from .storage import Storage, StorageFull
 
 logger = logging.getLogger(__name__)
@@ -34,6 +38,7 @@ _ROUTES = (
     (re.compile(r"/jobs/(.*)"), ("GET", "HEAD"), "job_status"),
     (re.compile(r"/renditions/(.*)"), ("GET", "HEAD"), "rendition"),
     (re.compile(r"/healthz"), ("GET", "HEAD"), "health"),
+    (re.compile(r"/metrics"), ("GET", "HEAD"), "metrics"),
 )
 _RENDITION_FILE = re.compile(r"([0-9a-f]{32})/([a-z0-9][a-z0-9_-]*)\.(jpg|png|webp)")
 
@@ -42,7 +47,7 @@ _RENDITION_FILE = re.compile(r"([0-9a-f]{32})/([a-z0-9][a-z0-9_-]*)\.(jpg|png|we
 class Response:
     """What a handler answers: a JSON body, or an open file to stream."""
     status: HTTPStatus
-    body: object = None               # a JSON-able value, or a binary file
+    body: object = None               # a JSON-able value, bytes, or a binary file
     headers: list = field(default_factory=list)
     content_type: str = "application/json"
 
@@ -68,6 +73,8 @@ def _respond(environ, start_response, response):
         data = json.dumps(response.body).encode() + b"\n"
         body, length = [data], len(data)
         headers = [("Cache-Control", "no-store")]
+    elif isinstance(response.body, bytes):
+        body, length, headers = [response.body], len(response.body), [("Cache-Control", "no-store")]
     else:
         file = response.body
         length = os.fstat(file.fileno()).st_size
@@ -80,7 +87,7 @@ def _respond(environ, start_response, response):
         *response.headers,
     ])
     if environ["REQUEST_METHOD"] == "HEAD":
-        if response.content_type != "application/json":
+        if hasattr(response.body, "close"):
             response.body.close()
         return [b""]
     return body
@@ -129,6 +136,7 @@ class Api:
     def __call__(self, environ, start_response):
         method = environ["REQUEST_METHOD"]
         path = environ.get("PATH_INFO", "")
+        started = time.monotonic()
         try:
             response = self._route(environ, method, path)
         except HTTPError as error:
@@ -137,6 +145,8 @@ class Api:
             logger.exception("Unexpected error answering %s %s.", method, path)
             response = Response(HTTPStatus.INTERNAL_SERVER_ERROR,
                                 {"error": "internal error; see the API's log"})
+        if path == "/upload":
+            metrics.count_upload(response.status.value, time.monotonic() - started)
         return _respond(environ, start_response, response)
 
     def _route(self, environ, method, path):
@@ -243,3 +253,8 @@ class Api:
             logger.warning("Health check: the broker is unavailable: %s", error)
             raise self._unavailable("the job queue is unavailable") from None
         return Response(HTTPStatus.OK, {"status": "ok", "broker": "reachable"})
+
+    # -- GET /metrics ------------------------------------------------------------
+    def metrics(self, _environ):
+        return Response(HTTPStatus.OK, metrics.exposition(self.config),
+                        content_type=metrics.CONTENT_TYPE)

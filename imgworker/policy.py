@@ -66,6 +66,7 @@ class JobPolicy:
         self.ended_job = None
         self.jobs_done = 0
         self.jobs_failed = 0
+        self.jobs_retried = 0
 
     def idle_status(self):
         return f"Waiting for jobs; {self.jobs_done} done, {self.jobs_failed} failed."
@@ -218,6 +219,7 @@ class JobPolicy:
         log.warning("attempt %d failed (%s); handing it back in %g s.",
                     attempts, reason, self.config.worker.retry_delay, exc_info=True)
         job.requeue(reason)
+        self.jobs_retried += 1
         try:
             self.storage.write_job(job)
         except (OSError, StorageFull):

@@ -27,15 +27,12 @@ from concurrent.futures import ThreadPoolExecutor
 import pika
 import pika.exceptions
 
-from . import broker, images
+from . import broker, images, metrics
 from .policy import Decision, JobPolicy
 from .renderer import Renderer
 from .storage import Storage
 
 logger = logging.getLogger(__name__)
-
-#: Cap of the exponential reconnect backoff (pika's reconnecting example).
-MAX_BACKOFF = 30.0
 
 #: How long pika may sit in I/O before the main loop looks at signals and
 #: the watchdog again.
@@ -104,13 +101,10 @@ class Worker:
             except (pika.exceptions.AMQPError, OSError) as error:
                 if self._stop_requested:
                     break
-                reason = broker.describe(error) if isinstance(error, pika.exceptions.AMQPError) \
-                    else f"cannot reach the broker ({error})"
-                logger.warning("Lost the broker: %s. Reconnecting in %.0f s.", reason, backoff)
-                self.notifier.status(f"Waiting for the broker: {reason}")
+                broker.report_lost(error, backoff, self.notifier)
                 self._finish_in_hand(connection=None)
                 self._sleep(backoff)
-                backoff = min(backoff * 2, MAX_BACKOFF)
+                backoff = min(backoff * 2, broker.MAX_RECONNECT_BACKOFF)
         done, failed = self.policy.jobs_done, self.policy.jobs_failed
         self.notifier.stopping(f"Stopped after {done} jobs done, {failed} failed.")
         logger.info("Stopped: %d jobs done, %d failed.", done, failed)
@@ -205,8 +199,18 @@ class Worker:
 
     def _handle(self, body, redelivered):
         """In the render thread: the policy's decision, and the job it saw end."""
-        decision = self.policy.handle(body, redelivered)
-        return decision, self.policy.ended_job
+        policy = self.policy
+        before = (policy.jobs_done, policy.jobs_failed, policy.jobs_retried)
+        decision = policy.handle(body, redelivered)
+        done, failed, retried = (after - was for after, was in zip(
+            (policy.jobs_done, policy.jobs_failed, policy.jobs_retried), before))
+        if done:
+            metrics.count_job("done", policy.ended_job.seconds)
+        if failed:
+            metrics.count_job("failed")
+        if retried:
+            metrics.count_job("retried")
+        return decision, policy.ended_job
 
     def _publish_event(self, job):
         """On the I/O thread: the job's end to the events exchange, confirmed.
