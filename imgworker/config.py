@@ -100,6 +100,14 @@ def _formats(raw):
     return tuple(names)
 
 
+def _webhook_url(raw):
+    if raw:
+        parts = urllib.parse.urlsplit(raw)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError("must be an http:// or https:// URL with a host (or empty: off)")
+    return raw
+
+
 def _queue_type(raw):
     if raw not in ("classic", "quorum"):
         raise ValueError("must be classic or quorum")
@@ -197,6 +205,26 @@ SCHEMA = {
         "stall_timeout": Option("300", _seconds,
                                 "Seconds a job may go without progress before the worker stops "
                                 "feeding the systemd watchdog, which then restarts it."),
+    },
+    "webhook": {
+        "url": Option("", _webhook_url,
+                      "http:// or https:// URL that 'imgworker webhook' (imgworker-webhook."
+                      "service) POSTs every job.done and job.failed event to, signed with "
+                      "secret. Empty: webhooks are off. Only this URL is ever called: no "
+                      "callback address is taken from a client."),
+        "secret": Option("", str,
+                         "Shared secret of the Imgworker-Signature header: t=<unix seconds>,"
+                         "v1=<hex HMAC-SHA256 of '<t>.<body>'>. Required with url. Keep it out "
+                         "of this world-readable file: in config.d/webhook.ini, mode 0640 "
+                         "root:imgworker, as broker.ini is."),
+        "max_attempts": Option("8", _positive_int,
+                               "Attempts to deliver one event (connection errors, timeouts, "
+                               "408, 429 and 5xx are retried) before it goes to "
+                               "imgworker.webhooks.dead."),
+        "retry_delay": Option("5", _seconds,
+                              "Seconds before the first retry; each next one waits twice as "
+                              "long, up to 10 minutes."),
+        "timeout": Option("10", _seconds, "Seconds one POST may take."),
     },
 }
 

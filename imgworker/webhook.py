@@ -1,0 +1,199 @@
+"""``imgworker webhook`` (imgworker-webhook.service): every job event POSTed,
+signed, to the one URL the operator configured.
+
+It consumes a durable queue of its own, ``imgworker.webhooks``, bound to the
+events exchange (``job.*``), so events wait there while the receiver -- or
+this process -- is down. Each event is POSTed as it came (the JSON of GET
+/jobs/<id>) with
+
+    Imgworker-Event: job.done
+    Imgworker-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">
+
+A 2xx delivers it and the message is acknowledged. A connection error, a
+timeout, 408, 429 or a 5xx is retried with the message in hand, after
+[webhook] retry_delay doubling each time, up to [webhook] max_attempts; then,
+and at once for any other answer (another 4xx, a redirect), the message is
+rejected into ``imgworker.webhooks.dead`` with a log line saying why. Killed
+mid-delivery, the message is unacknowledged and comes back: at-least-once,
+like the events themselves. Redirects are not followed: only the configured
+URL is ever called.
+"""
+
+import hashlib
+import hmac
+import http.client
+import logging
+import signal
+import time
+import urllib.parse
+
+import pika
+import pika.exceptions
+
+from . import broker, metrics
+
+logger = logging.getLogger(__name__)
+
+QUEUE = "imgworker.webhooks"
+DEAD_LETTER_QUEUE = "imgworker.webhooks.dead"
+
+#: Answers worth trying again: the receiver is busy or broken for now.
+_RETRIED_STATUSES = {408, 429}
+MAX_RETRY_DELAY = 600.0
+_TICK = 0.5
+
+
+def signature(secret, body, timestamp):
+    """The Imgworker-Signature header's value for a body sent at timestamp."""
+    digest = hmac.new(secret.encode(), f"{timestamp}.".encode() + body, hashlib.sha256)
+    return f"t={timestamp},v1={digest.hexdigest()}"
+
+
+class Retry(Exception):
+    """This attempt failed in a way worth repeating."""
+
+
+class GiveUp(Exception):
+    """The receiver refused the event for good."""
+
+
+def post(config, event, body):
+    """One delivery attempt; returns the status, or raises Retry or GiveUp."""
+    url = urllib.parse.urlsplit(config.webhook.url)
+    connection_class = http.client.HTTPSConnection if url.scheme == "https" \
+        else http.client.HTTPConnection
+    connection = connection_class(url.hostname, url.port, timeout=config.webhook.timeout)
+    path = (url.path or "/") + (f"?{url.query}" if url.query else "")
+    headers = {"Content-Type": "application/json", "User-Agent": "imgworker-webhook",
+               "Imgworker-Event": event,
+               "Imgworker-Signature": signature(config.webhook.secret, body, int(time.time()))}
+    try:
+        connection.request("POST", path, body, headers)
+        status = connection.getresponse().status
+    except (OSError, http.client.HTTPException) as error:
+        raise Retry(f"{type(error).__name__}: {error}") from None
+    finally:
+        connection.close()
+    if 200 <= status < 300:
+        return status
+    if status in _RETRIED_STATUSES or status >= 500:
+        raise Retry(f"HTTP {status}")
+    raise GiveUp(f"HTTP {status}")
+
+
+def declare(channel, config):
+    """The webhook queue, bound to the events, and its dead-letter queue
+    (both of [broker] queue_type)."""
+    broker.declare_topology(channel, config)
+    quorum = {"x-queue-type": "quorum"} if config.broker.queue_type == "quorum" else {}
+    channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=quorum)
+    channel.queue_declare(QUEUE, durable=True, arguments={
+        **quorum, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": DEAD_LETTER_QUEUE})
+    channel.queue_bind(QUEUE, broker.EVENTS_EXCHANGE, routing_key="job.*")
+
+
+class WebhookSender:
+    def __init__(self, config, notifier):
+        self.config = config
+        self.notifier = notifier
+        self._stop_requested = False
+        self.delivered = self.dead = 0
+
+    def _on_signal(self, _signum, _frame):
+        self._stop_requested = True
+
+    def run(self):
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        backoff, ready = 1.0, False
+        while not self._stop_requested:
+            try:
+                connection = pika.BlockingConnection(broker.parameters(self.config, "webhook"))
+                try:
+                    channel = connection.channel()
+                    channel.basic_qos(prefetch_count=1)
+                    declare(channel, self.config)
+                    logger.info("Sending events from %s to %s.", QUEUE, self.config.webhook.url)
+                    if not ready:
+                        self.notifier.ready(self._status())
+                        ready = True
+                    backoff = 1.0
+                    self._consume(connection, channel)
+                finally:
+                    if connection.is_open:
+                        connection.close()
+            except (pika.exceptions.AMQPError, OSError) as error:
+                if self._stop_requested:
+                    break
+                broker.report_lost(error, backoff, self.notifier)
+                self._sleep(None, backoff)
+                backoff = min(backoff * 2, broker.MAX_RECONNECT_BACKOFF)
+        self.notifier.stopping(f"Stopped after {self.delivered} events delivered.")
+        return 0
+
+    def _status(self):
+        return f"Sending events; {self.delivered} delivered, {self.dead} dead-lettered."
+
+    def _consume(self, connection, channel):
+        for method, properties, body in channel.consume(QUEUE, inactivity_timeout=_TICK):
+            if self._stop_requested:
+                break
+            if method is None:
+                continue
+            if self._deliver(connection, method.routing_key, properties, body):
+                channel.basic_ack(method.delivery_tag)
+            elif self._stop_requested:
+                channel.basic_nack(method.delivery_tag, requeue=True)   # sent again later
+                break
+            else:
+                channel.basic_reject(method.delivery_tag, requeue=False)
+            self.notifier.status(self._status())
+        channel.cancel()
+
+    def _deliver(self, connection, event, properties, body):
+        """True once delivered; False to dead-letter (or, when stopping, to
+        hand back)."""
+        job = properties.message_id or "?"
+        delay = self.config.webhook.retry_delay
+        for attempt in range(1, self.config.webhook.max_attempts + 1):
+            try:
+                status = post(self.config, event, body)
+            except GiveUp as error:
+                logger.error("Webhook: %s for job %s refused (%s); not retried, "
+                             "dead-lettered to %s.", event, job, error, DEAD_LETTER_QUEUE)
+                metrics.WEBHOOKS.labels("dead").inc()
+                self.dead += 1
+                return False
+            except Retry as error:
+                if attempt == self.config.webhook.max_attempts:
+                    logger.error("Webhook: %s for job %s failed %d times (last: %s); "
+                                 "dead-lettered to %s.", event, job, attempt, error,
+                                 DEAD_LETTER_QUEUE)
+                    metrics.WEBHOOKS.labels("dead").inc()
+                    self.dead += 1
+                    return False
+                logger.warning("Webhook: %s for job %s, attempt %d failed (%s); again in %g s.",
+                               event, job, attempt, error, delay)
+                metrics.WEBHOOKS.labels("retried").inc()
+                if not self._sleep(connection, delay):
+                    return False
+                delay = min(delay * 2, MAX_RETRY_DELAY)
+                continue
+            logger.info("Webhook: %s for job %s delivered (HTTP %d, attempt %d).",
+                        event, job, status, attempt)
+            metrics.WEBHOOKS.labels("delivered").inc()
+            self.delivered += 1
+            return True
+        return False
+
+    def _sleep(self, connection, seconds):
+        """Wait, keeping the connection's heartbeats going; False if asked
+        to stop meanwhile."""
+        deadline = time.monotonic() + seconds
+        while not self._stop_requested and time.monotonic() < deadline:
+            step = min(_TICK, max(0.0, deadline - time.monotonic()))
+            if connection is not None:
+                connection.sleep(step)
+            else:
+                time.sleep(step)
+        return not self._stop_requested
