@@ -1,0 +1,141 @@
+"""doc/openapi.yaml cannot drift from the code: real requests to a running
+API, every answer validated against the document (its status listed for the
+operation, its content type, its headers, its JSON body against the schema)."""
+
+import os
+import subprocess
+import time
+
+import jsonschema
+import requests
+import yaml
+
+from harness import samples
+from harness.pipeline import REPO
+
+with open(os.path.join(REPO, "doc", "openapi.yaml")) as handle:
+    SPEC = yaml.safe_load(handle)
+
+
+def resolved(node):
+    """The document's node with every local $ref replaced by its target."""
+    if isinstance(node, dict):
+        if "$ref" in node:
+            target = SPEC
+            for part in node["$ref"].lstrip("#/").split("/"):
+                target = target[part]
+            return resolved(target)
+        return {key: resolved(value) for key, value in node.items()}
+    if isinstance(node, list):
+        return [resolved(value) for value in node]
+    return node
+
+
+CHECKED = set()
+
+
+def conforms(response, method, path):
+    """Assert that a requests.Response is what the document says
+    ``method path`` (a path template) may answer."""
+    operation = SPEC["paths"][path][method.lower()]
+    status = str(response.status_code)
+    assert status in operation["responses"], \
+        f"{method} {path} answered {status}, which the document does not list: {response.text}"
+    declared = resolved(operation["responses"][status])
+    for header in declared.get("headers", {}):
+        assert header in response.headers, f"{method} {path} {status} lacks {header}"
+    content_type = response.headers["Content-Type"].split(";")[0].strip()
+    media = declared["content"]
+    match = next((name for name in media if name == content_type
+                  or (name.endswith("/*") and content_type.startswith(name[:-1]))), None)
+    assert match, f"{method} {path} {status} answered {content_type}, not one of {list(media)}"
+    if content_type == "application/json":
+        jsonschema.Draft202012Validator(media[match]["schema"]).validate(response.json())
+    CHECKED.add((method, path, status))
+    return response
+
+
+def test_the_document_is_a_valid_openapi_3_1_description():
+    assert SPEC["openapi"].startswith("3.1")
+    for path, operations in SPEC["paths"].items():
+        for method, operation in operations.items():
+            for status, answer in operation["responses"].items():
+                for media in resolved(answer).get("content", {}).values():
+                    jsonschema.Draft202012Validator.check_schema(media["schema"])
+
+
+def test_every_answer_of_the_running_api_is_the_documented_one(make_pipeline):
+    pipeline = make_pipeline(api={"max_upload_bytes": "2000000"})
+    pipeline.start_api()
+    pipeline.start_worker()
+    post = pipeline.upload
+
+    raw = conforms(post(data=samples.jpeg(800, 600), headers={"Content-Type": "image/jpeg"}),
+                   "POST", "/upload")
+    form = conforms(post(samples.jpeg(640, 480)), "POST", "/upload")
+    assert raw.status_code == form.status_code == 202
+    bad = conforms(post(data=samples.truncated_jpeg(), headers={"Content-Type": "image/jpeg"}),
+                   "POST", "/upload").json()["id"]
+    conforms(post(data=b"", headers={"Content-Type": "image/jpeg"}), "POST", "/upload")
+    conforms(post(data=b"hello", headers={"Content-Type": "text/plain"}), "POST", "/upload")
+    conforms(post(data=samples.png_header_only(70000, 70000),
+                  headers={"Content-Type": "image/png"}), "POST", "/upload")
+    conforms(post(data=b"\0" * 2_000_001, headers={"Content-Type": "image/jpeg"}),
+             "POST", "/upload")
+    conforms(pipeline_get(pipeline, "/upload"), "POST", "/upload")        # 405
+
+    queued = conforms(pipeline_get(pipeline, raw.json()["status_url"]), "GET", "/jobs/{id}")
+    assert queued.json()["state"] in ("queued", "processing", "done")
+    done = pipeline.wait_job(raw.json()["id"])
+    failed = pipeline.wait_job(bad)
+    assert (done["state"], failed["state"]) == ("done", "failed")
+    conforms(pipeline_get(pipeline, raw.json()["status_url"]), "GET", "/jobs/{id}")
+    conforms(pipeline_get(pipeline, f"/jobs/{bad}"), "GET", "/jobs/{id}")
+    conforms(pipeline_get(pipeline, "/jobs/" + "0" * 32), "GET", "/jobs/{id}")
+    for rendition in done["renditions"].values():
+        conforms(pipeline_get(pipeline, rendition["url"]), "GET", "/renditions/{id}/{file}")
+    conforms(pipeline_get(pipeline, f"/renditions/{bad}/large.jpg"), "GET",
+             "/renditions/{id}/{file}")
+    conforms(pipeline_get(pipeline, "/healthz"), "GET", "/healthz")
+    conforms(pipeline_get(pipeline, "/metrics"), "GET", "/metrics")
+
+    # the broker's disk alarm: uploads get 503 + Retry-After, and so does /healthz
+    rabbitmqctl("set_disk_free_limit", "100000GB")
+    try:
+        deadline = time.monotonic() + 20
+        while "disk" not in rabbitmqctl("-q", "eval", "rabbit_alarm:get_alarms().") \
+                and time.monotonic() < deadline:
+            time.sleep(0.2)
+        refused = conforms(post(samples.jpeg(320, 240)), "POST", "/upload")
+        assert refused.status_code == 503
+    finally:
+        rabbitmqctl("set_disk_free_limit", "50MB")
+
+    answered = {(method, path, status) for method, path, status in CHECKED}
+    for status in ("202", "400", "405", "413", "415", "422", "503"):
+        assert ("POST", "/upload", status) in answered, status
+    assert {("GET", "/jobs/{id}", "200"), ("GET", "/jobs/{id}", "404"),
+            ("GET", "/renditions/{id}/{file}", "200"), ("GET", "/renditions/{id}/{file}", "404"),
+            ("GET", "/healthz", "200"), ("GET", "/metrics", "200")} <= answered
+
+
+def rabbitmqctl(*args):
+    """The test broker runs on this machine (as in tests/faults)."""
+    return subprocess.run(["rabbitmqctl", *args], check=True, capture_output=True, text=True,
+                          timeout=120).stdout
+
+
+def pipeline_get(pipeline, path):
+    return requests.get(pipeline.base_url + path, timeout=10)
+
+
+def test_the_api_routes_are_the_documented_paths_and_methods():
+    from imgworker.api import _ROUTES
+    documented = {(path.replace("{id}", "0" * 32).replace("{file}", "large.jpg"),
+                   tuple(sorted(method.upper() for method in operations)))
+                  for path, operations in SPEC["paths"].items()}
+    for concrete, methods in documented:
+        routes = [route for route in _ROUTES if route[0].fullmatch(concrete)]
+        assert routes, f"{concrete} is documented but the API has no route for it"
+        assert set(methods) <= set(routes[0][1])
+    assert len(_ROUTES) == len(documented), "a route the document does not describe"
