@@ -165,6 +165,33 @@ def cmd_dlq(args):
     return 0
 
 
+def cmd_webhook(args):
+    config = _load_config(args)
+    if not config.webhook.url or not config.webhook.secret:
+        if args.configured:
+            return 1            # ExecCondition=: the unit is skipped, not failed
+        print("imgworker: webhooks are off: set [webhook] url and secret in "
+              f"{config.path or configuration.DEFAULT_PATH}.", file=sys.stderr)
+        return EXIT_CONFIG
+    if args.configured:
+        return 0
+    from .webhook import WebhookSender
+    config = _load_broker_config(args)
+    log.setup()
+    return WebhookSender(config, Notifier()).run()
+
+
+def cmd_status(args):
+    from . import status
+    config = _load_broker_config(args)
+    found = status.collect(config, args.minutes)
+    if args.json:
+        print(json.dumps(found, indent=1))
+    else:
+        print("\n".join(status.render(found)))
+    return 1 if found["queues"] is None else 0
+
+
 def cmd_check_config(args):
     if args.template:
         sys.stdout.write(configuration.template())
@@ -292,6 +319,29 @@ def build_parser():
     migrate.add_argument("--to", choices=("classic", "quorum"),
                          help="the queue type (default: [broker] queue_type)")
     migrate.set_defaults(func=cmd_migrate_queues)
+
+    webhook = commands.add_parser(
+        "webhook", help="POST job events, signed, to [webhook] url",
+        description="Consume imgworker.webhooks (bound to the imgworker.events exchange) and "
+                    "POST each event to [webhook] url with an Imgworker-Signature header; "
+                    "retry connection errors, timeouts, 408, 429 and 5xx with backoff up to "
+                    "[webhook] max_attempts, then dead-letter to imgworker.webhooks.dead. "
+                    f"Exit {EXIT_CONFIG} if no url and secret are set.")
+    webhook.add_argument("--configured", action="store_true",
+                         help="only say whether webhooks are on: exit 0 if [webhook] url and "
+                              "secret are set, else 1 (the unit's ExecCondition=)")
+    webhook.set_defaults(func=cmd_webhook)
+
+    state = commands.add_parser(
+        "status", help="queues, this host's units, recent jobs",
+        description="The job queue and the dead-letter queue (messages, consumers), the "
+                    "imgworker units on this host with their systemd status line, and how "
+                    "many jobs were done or failed in the last minutes. Exit 1 if the broker "
+                    "cannot be reached.")
+    state.add_argument("--json", action="store_true", help="as JSON")
+    state.add_argument("--minutes", type=float, default=5.0,
+                       help="the window for recent jobs (default 5)")
+    state.set_defaults(func=cmd_status)
 
     dlq = commands.add_parser(
         "dlq", help="look at, replay or purge the dead-letter queue",

@@ -37,7 +37,7 @@ class DeadLetter:
     job_id: str            # None: not an imgworker job message
     reason: str            # the record's error, or RabbitMQ's x-death reason
     attempts: int          # None without a record
-    since: datetime.datetime   # when it was dead-lettered (UTC), if RabbitMQ said
+    since: datetime.datetime   # when it was dead-lettered (aware, UTC), if RabbitMQ said
     tag: int
 
     def as_dict(self):
@@ -90,6 +90,9 @@ class DeadLetterQueue:
         job_id = message.get("id") if isinstance(message, dict) else None
         death = ((properties.headers or {}).get("x-death") or [{}])[0]
         since = death.get("time")
+        if since is not None and since.tzinfo is None:
+            # pika before 1.3 decodes AMQP timestamps as naive UTC, later as aware
+            since = since.replace(tzinfo=datetime.timezone.utc)
         reason = f"dead-lettered by RabbitMQ ({death.get('reason', 'unknown reason')})"
         if not is_job_id(job_id):
             return DeadLetter(None, f"not an imgworker job: {body[:60]!r}", None, since, tag)
@@ -150,7 +153,7 @@ def _replay_one(queue, publisher, letter):
 def purge(config, older_than=None):
     """Remove dead letters (those dead-lettered more than ``older_than``
     seconds ago, or all); returns how many."""
-    now = datetime.datetime.now(datetime.timezone.utc).replace(tzinfo=None)
+    now = datetime.datetime.now(datetime.timezone.utc)
     removed = 0
     with DeadLetterQueue(config) as queue:
         for letter in queue.take_all():
