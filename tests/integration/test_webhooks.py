@@ -11,6 +11,8 @@ import time
 
 import pika
 import pytest
+import requests
+from prometheus_client.parser import text_string_to_metric_families
 
 from imgworker import webhook
 from harness import samples
@@ -106,19 +108,26 @@ def test_an_event_answered_500_twice_then_200_is_delivered_signed_on_the_third_a
         webhook_pipeline):
     pipeline, receiver, sender = webhook_pipeline([500, 500, 200])
     job_id = upload_and_finish(pipeline)
-    requests = receiver.wait(3)
-    assert len(requests) == 3
-    headers, body, _ = requests[-1]
+    posts = receiver.wait(3)
+    assert len(posts) == 3
+    headers, body, _ = posts[-1]
     assert headers["Imgworker-Event"] == "job.done"
     assert headers["Content-Type"] == "application/json"
     assert verified(headers, body)
     assert json.loads(body) == pipeline.job(job_id)
-    assert all(r[1] == body for r in requests)                 # the same event each time
-    assert requests[1][2] - requests[0][2] < 10                # first retry within 10 s
+    assert all(post[1] == body for post in posts)              # the same event each time
+    assert posts[1][2] - posts[0][2] < 10                # first retry within 10 s
     time.sleep(1)
     assert len(receiver.requests) == 3 and dead_webhooks(pipeline) == 0
     assert "delivered (HTTP 200, attempt 3)" in sender.log()
     assert not verified({**headers, "Imgworker-Signature": "t=1,v1=00"}, body)
+    # and /metrics counts them, from the sender's process too
+    scraped = {(sample.name, tuple(sample.labels.items())): sample.value
+               for family in text_string_to_metric_families(
+                   requests.get(pipeline.base_url + "/metrics", timeout=10).text)
+               for sample in family.samples}
+    assert scraped[("imgworker_webhook_deliveries_total", (("outcome", "delivered"),))] == 1
+    assert scraped[("imgworker_webhook_deliveries_total", (("outcome", "retried"),))] == 2
 
 
 def test_an_event_always_answered_500_ends_in_the_dead_letter_queue_after_max_attempts(
@@ -156,8 +165,8 @@ def test_the_sender_killed_mid_delivery_loses_nothing(webhook_pipeline):
     sender.process.wait()
     receiver.delay = 0
     again = pipeline.start("webhook-again", "webhook")
-    requests = receiver.wait(2)
-    assert len(requests) == 2 and json.loads(requests[1][1])["id"] == job_id
+    posts = receiver.wait(2)
+    assert len(posts) == 2 and json.loads(posts[1][1])["id"] == job_id
     assert "delivered (HTTP 200, attempt 1)" in again.log()
 
 
