@@ -63,6 +63,17 @@ def parameters(config, name):
     return every
 
 
+def connect(config, name):
+    """A BlockingConnection for a command (status, dlq, migrate-queues);
+    BrokerUnavailable, with a reason, if no node answers."""
+    try:
+        return pika.BlockingConnection(parameters(config, name))
+    except pika.exceptions.AMQPError as error:
+        raise BrokerUnavailable(describe(error)) from None
+    except OSError as error:
+        raise BrokerUnavailable(f"cannot reach the broker ({error})") from None
+
+
 #: A quorum queue dead-letters a message returned this many times even if
 #: no worker's attempt count caught it (a worker killed before it wrote
 #: one). Far above max_attempts, so the count on disk decides first; fixed,

@@ -56,14 +56,13 @@ class DeadLetterQueue:
         self._channel = None
 
     def __enter__(self):
+        self._connection = broker.connect(self.config, "dlq")
         try:
-            self._connection = pika.BlockingConnection(broker.parameters(self.config, "dlq"))
             self._channel = self._connection.channel()
             broker.declare_topology(self._channel, self.config)
         except pika.exceptions.AMQPError as error:
+            self._connection.close()
             raise broker.BrokerUnavailable(broker.describe(error)) from None
-        except OSError as error:
-            raise broker.BrokerUnavailable(f"cannot reach the broker ({error})") from None
         return self
 
     def __exit__(self, *_exc):

@@ -73,10 +73,7 @@ def _delete_empty(connection, name):
 def migrate(config, queue_type):
     """Make both queues ``queue_type``; returns {queue name: messages moved}."""
     jobs, dead = broker.queue_arguments(config, queue_type)
-    try:
-        connection = pika.BlockingConnection(broker.parameters(config, "migrate-queues"))
-    except (pika.exceptions.AMQPError, OSError) as error:
-        raise broker.BrokerUnavailable(f"cannot reach the broker ({error})") from None
+    connection = broker.connect(config, "migrate-queues")
     moved = {}
     try:
         for name, arguments in ((config.broker.dead_letter_queue, dead),

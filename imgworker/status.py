@@ -16,12 +16,7 @@ from .job import State, read
 
 def queues(config):
     """{queue: {"messages", "consumers"}} for the job and dead-letter queues."""
-    try:
-        connection = pika.BlockingConnection(broker.parameters(config, "status"))
-    except pika.exceptions.AMQPError as error:
-        raise broker.BrokerUnavailable(broker.describe(error)) from None
-    except OSError as error:
-        raise broker.BrokerUnavailable(f"cannot reach the broker ({error})") from None
+    connection = broker.connect(config, "status")
     found = {}
     try:
         for queue in (config.broker.queue, config.broker.dead_letter_queue):
