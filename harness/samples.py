@@ -70,11 +70,12 @@ def corrupt_scan_jpeg():
     return bytes(data)
 
 
-def many_scans_jpeg(scans=2000):
+def many_scans_jpeg(scans=2000, progressive=True):
     """A progressive JPEG whose last scan is repeated ``scans`` times: each
     scan makes the decoder walk every coefficient again (the classic
-    'many scans' decode-time attack; libjpeg only warns about it)."""
-    data = encode(photo(320, 240), "JPEG", quality=80, progressive=True)
+    'many scans' decode-time attack; libjpeg only warns about it). With
+    ``progressive=False``, a baseline JPEG's one scan repeated instead."""
+    data = encode(photo(320, 240), "JPEG", quality=80, progressive=progressive)
     last_sos = data.rindex(b"\xff\xda")
     end = data.rindex(b"\xff\xd9")
     return data[:end] + data[last_sos:end] * scans + data[end:]

@@ -278,6 +278,23 @@ def test_a_jpeg_with_thousands_of_scans_is_refused_at_upload_and_at_render(tmp_p
     assert images.identify(progressive, LIMITS).format == "jpeg"
 
 
+def test_scans_repeated_after_a_baseline_jpegs_only_scan_cost_no_decoding(tmp_path):
+    # Its header proves one scan holds every component, so the scans are not
+    # counted at upload; libjpeg stops at the second scan instead of
+    # decoding it: a failed job with a reason, at once.
+    data = samples.many_scans_jpeg(20_000, progressive=False)
+    assert images.identify(data, LIMITS).format == "jpeg"
+    path = tmp_path / "original"
+    path.write_bytes(data)
+    started = time.process_time()
+    with pytest.raises(images.BadImage):
+        images.render(str(path), DEFAULT_RENDITIONS, LIMITS)
+    assert time.process_time() - started < 1
+    # the same scans after a progressive JPEG's are counted and refused
+    with pytest.raises(images.BadImage, match="more than 100 scans"):
+        images.identify(samples.many_scans_jpeg(2000), LIMITS)
+
+
 def test_png_text_chunks_cannot_inflate_past_a_few_megabytes():
     import tracemalloc
     data = png_with_ztxt_chunks(63)
