@@ -4,10 +4,10 @@ original is fsynced and the broker confirmed a persistent message; and no
 upload lingers, whatever instant the API dies at.
 
     accept():
-      original fsynced ──► record `queued` + pending mark fsynced ──► published + confirmed ──► mark cleared ──► 202
-           │                        │                                      │
+      original + record `queued` + pending mark durable ──► published + confirmed ──► mark cleared ──► 202
+           │                                                         │
            └─ storage full / broker refuses: removed (unless a worker already
-              took the job), 507 / 503 ───────────────────────────────────────┘
+              took the job), 507 / 503 ──────────────────────────────────────┘
     the API dies (kill -9, OOM, power) at any arrow: recover(), run by
     imgworker-sweep.timer, finds what is older than [api] requeue_after:
       - a pending mark with a `queued` record: published again (a duplicate
@@ -18,9 +18,8 @@ upload lingers, whatever instant the API dies at.
         nobody was promised anything: removed;
       - temp files of writes that never finished.
 
-The pending mark is a second name of the record (storage.py says why), made
-durable with it. A mark lost after the confirm only makes recover() queue a
-job twice.
+Storage.store_upload() says how the three are made durable together. A
+mark lost after the confirm only makes recover() queue a job twice.
 """
 
 import logging
@@ -40,11 +39,10 @@ def accept(storage, publisher, data, info):
     job_id = new_job_id()
     log = JobLog(logger, job_id)
     try:
-        storage.save_original(job_id, data)
         # The record before the message: a worker may take the job before
         # publish returns.
-        storage.write_job(Job.accepted(job_id, info.format, info.width, info.height, len(data)),
-                          pending=True)
+        storage.store_upload(Job.accepted(job_id, info.format, info.width, info.height,
+                                          len(data)), data)
         publisher.publish(job_id, broker.job_message(job_id, info.format))
     except BaseException as error:
         # A broker killed between routing the message and confirming it may

@@ -1,0 +1,85 @@
+"""Storage: how a new upload is stored, and the group sync that makes it
+durable. (That a 202's files survive a crash is the fault suite's to show:
+tests/faults.)"""
+
+import errno
+import json
+import os
+import threading
+import time
+
+import pytest
+
+from harness import samples
+from imgworker.job import Job
+from imgworker.storage import GroupSync, Storage, StorageFull, new_job_id
+
+
+def test_an_upload_is_stored_as_original_record_and_pending_mark_with_no_temp_file(tmp_path):
+    storage = Storage(str(tmp_path))
+    storage.prepare(marker=True)
+    job_id, data = new_job_id(), samples.jpeg(64, 48)
+    storage.store_upload(Job.accepted(job_id, "jpeg", 64, 48, len(data)), data)
+    with open(storage.original_path(job_id), "rb") as handle:
+        assert handle.read() == data
+    with open(tmp_path / "jobs" / f"{job_id}.json") as handle:
+        assert json.load(handle)["state"] == "queued"
+    # the mark is the record's second name, not a file of its own
+    assert os.path.samefile(tmp_path / "jobs" / f"{job_id}.json",
+                            tmp_path / "jobs" / f"{job_id}.pending")
+    assert storage.pending_jobs(-1) == [job_id]
+    storage.clear_pending(job_id)
+    assert sorted(os.listdir(tmp_path / "jobs")) == [f"{job_id}.json"]
+    assert storage.read_job(job_id).state.value == "queued"
+
+
+def test_a_full_disk_while_storing_an_upload_is_storage_full(tmp_path, monkeypatch):
+    storage = Storage(str(tmp_path))
+    storage.prepare()
+
+    def full(*_args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(os, "write", full)
+    with pytest.raises(StorageFull):
+        storage.store_upload(Job.accepted(new_job_id(), "jpeg", 1, 1, 1), b"x")
+
+
+class CountingSync(GroupSync):
+    """A GroupSync whose syncfs takes 20 ms, as a disk flush does, and is counted."""
+
+    def __init__(self, path, fail=()):
+        super().__init__(path)
+        self.calls, self.fail = 0, list(fail)
+
+    def _syncfs(self):
+        self.calls += 1
+        time.sleep(0.02)
+        if self.fail and self.fail.pop(0):
+            return OSError(errno.EIO, "syncfs: Input/output error")
+        return super()._syncfs()
+
+
+def test_threads_waiting_at_once_share_syncs(tmp_path):
+    sync = CountingSync(str(tmp_path))
+    finished = []
+
+    def upload():
+        sync.wait()
+        finished.append(1)
+    threads = [threading.Thread(target=upload) for _ in range(32)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert len(finished) == 32
+    # one sync per waiter would be 32; a thread that arrives during a sync
+    # waits for the next one, so a handful serve them all
+    assert sync.calls <= 8
+
+
+def test_a_failed_sync_fails_the_waiters_it_served_and_not_later_ones(tmp_path):
+    sync = CountingSync(str(tmp_path), fail=[True])
+    with pytest.raises(OSError, match="Input/output error"):
+        sync.wait()
+    sync.wait()                                  # the next sync succeeds
+    assert sync.calls == 2
