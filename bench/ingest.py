@@ -1,14 +1,13 @@
-"""Ingest: 495 KB uploads through nginx (the shipped site), each fsynced and
-confirmed by RabbitMQ before its 202, driven by wrk on the same 2 cores.
+"""Ingest: 495 KB uploads through nginx (the shipped site), each durable
+and confirmed by RabbitMQ before its 202, driven by wrk on the same 2 cores.
 
-Designs, measured one after the other in one run:
+Designs, measured one after the other in one run, raw bodies and multipart:
 - the straightforward design (bench/baseline_api.py: multipart, sync
   workers, one confirmed publish per request): the baseline;
-- imgworker's API with a multipart upload;
-- imgworker's API with a raw-body upload (Content-Type: image/jpeg): with
-  one thread per process, as shipped, and at lower concurrency;
-- a diagnostic that is not durable: the same with fsync() made a no-op by
-  eatmydata, to show how much of the cost is the disk's.
+- imgworker as it was before issue 14 (commit BEFORE, exported from git and
+  run with its own nginx site): what the current path is measured against;
+- imgworker's API as it is, at full load and at the load that gives 90% of
+  its peak, where its p99 is judged.
 After each run the queue must hold at least one message per 202 counted (a
 few more: requests in flight when wrk stops are queued but not counted).
 """
@@ -103,14 +102,14 @@ def _release_space(run_dir):
 
 
 def measure(workdir, amqp_url, design, server, body, content_type, clients, seconds,
-            api=None, env=None, broker=None):
+            api=None, env=None, broker=None, source=REPO):
     """One wrk run against a fresh pipeline: ``server`` is "baseline" or
     "imgworker"; ``api`` and ``broker`` are config options; an IngestResult.
     The run's files stay (emptied) below ``workdir``/runs."""
     run_dir = os.path.join(workdir, "runs", f"ingest-{uuid.uuid4().hex[:8]}")
     os.makedirs(run_dir)
-    pipeline = Pipeline(amqp_url, run_dir, api={"workers": "2", **(api or {})},
-                        broker=broker or {})
+    pipeline = Pipeline(amqp_url, run_dir, source=source,
+                        api={"workers": "2", **(api or {})}, broker=broker or {})
     baseline = None
     try:
         if server == "baseline":
@@ -145,34 +144,71 @@ def write_bodies(workdir, photo):
     return raw_path, form_path, form_type
 
 
+#: imgworker as it was before the ingest work of issue 14 ("today's path" in
+#: its text): its API and its nginx site run beside the current ones.
+BEFORE = "b0a0c31dcaac7fe2da4cb581ca3df683f50a78ef"
+
+
+def export_tree(commit, workdir):
+    """The repository's tree at ``commit``, written below workdir (None,
+    with the reason logged, outside a git checkout)."""
+    target = os.path.join(workdir, f"tree-{commit[:7]}")
+    os.makedirs(target, exist_ok=True)
+    archive = subprocess.run(["git", "-C", REPO, "archive", commit], capture_output=True)
+    if archive.returncode != 0:
+        return None, archive.stderr.decode(errors="replace").strip()
+    subprocess.run(["tar", "-x", "-C", target], input=archive.stdout, check=True)
+    return target, None
+
+
 def run(workdir, amqp_url, photo, connections, seconds, repetitions, log=print):
-    """{design: [IngestResult per repetition]}"""
+    """{design: [IngestResult per repetition]}: each design at ``connections``,
+    then the current API at fewer connections, down to the load that still
+    gives 90% of its peak (where its p99 is judged)."""
     raw_path, form_path, form_type = write_bodies(workdir, photo)
-    eatmydata = {"LD_PRELOAD": "libeatmydata.so"}
-    designs = (
-        # label, server, body, content type, [api] options, API environment, connections
-        ("straightforward design (baseline), multipart", "baseline", form_path, form_type,
-         {}, {}, connections),
-        ("imgworker API, multipart", "imgworker", form_path, form_type, {}, {}, connections),
-        ("imgworker API, raw body, 1 thread per process", "imgworker", raw_path, "image/jpeg",
-         {"threads": "1"}, {}, connections),
-        ("imgworker API, raw body (as shipped: 16 threads)", "imgworker", raw_path, "image/jpeg",
-         {}, {}, connections),
-        (f"imgworker API, raw body, {max(1, connections // 8)} connections", "imgworker",
-         raw_path, "image/jpeg", {}, {}, max(1, connections // 8)),
-        ("diagnostic, not durable: raw body with fsync() a no-op (eatmydata)", "imgworker",
-         raw_path, "image/jpeg", {}, eatmydata, connections),
-    )
+    before, why_not = export_tree(BEFORE, workdir)
+    if before is None:
+        log(f"  not measuring imgworker {BEFORE[:7]}: {why_not}")
+    short = BEFORE[:7]
+    designs = [
+        # label, server, source tree, body, content type
+        # the baseline keeps the nginx site it was first measured with
+        ("straightforward design (baseline), multipart", "baseline", before or REPO, form_path,
+         form_type),
+        *([(f"imgworker {short} (before), raw body", "imgworker", before, raw_path, "image/jpeg"),
+           (f"imgworker {short} (before), multipart", "imgworker", before, form_path, form_type)]
+          if before else []),
+        ("imgworker API, raw body", "imgworker", REPO, raw_path, "image/jpeg"),
+        ("imgworker API, multipart", "imgworker", REPO, form_path, form_type),
+    ]
     results = {}
-    for design, server, body, content_type, options, env, clients in designs:
+
+    def measure_design(design, server, source, body, content_type, clients, runs, warmup):
         results[design] = []
-        for repetition in range(repetitions + 1):          # the first is the warm-up
+        for repetition in range(runs + warmup):
             result = measure(workdir, amqp_url, design, server, body, content_type, clients,
-                             seconds, api=options, env=env)
-            if repetition == 0:
+                             seconds, source=source)
+            if repetition < warmup:
                 continue
             results[design].append(result)
             log(f"  {design}: {result.accepted_per_second:.0f} accepted/s, "
                 f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
                 f"{result.refused} refused, {result.queued}/{result.accepted} in the queue")
+        return median_rate(results[design])
+
+    peaks = {}
+    for design, server, source, body, content_type in designs:
+        peaks[design] = measure_design(design, server, source, body, content_type,
+                                       connections, repetitions, 1)
+    for design, server, source, body, content_type in designs[-2:]:
+        for clients in (c for c in (4, 8, 16) if c < connections):
+            rate = measure_design(f"{design}, {clients} connections", server, source, body,
+                                  content_type, clients, repetitions, 0)
+            if rate >= 0.9 * peaks[design]:
+                break
+    shutil.rmtree(os.path.join(workdir, "runs"), ignore_errors=True)
     return results
+
+
+def median_rate(runs):
+    return sorted(r.accepted_per_second for r in runs)[len(runs) // 2]

@@ -95,10 +95,11 @@ def _ingest_section(results):
     lines = [
         "## 2. Ingest through nginx",
         "",
-        "495 KB uploads, each fsynced and confirmed before its 202; wrk (1 thread, "
-        "32 connections, 5 s per run, 3 runs after a warm-up) on the same 2 cores as nginx, "
-        "the API and RabbitMQ. *queued* is messages in the queue after the run against 202s "
-        "counted.",
+        "495 KB uploads, each durable and confirmed before its 202; wrk (1 thread, "
+        "32 connections unless the design says fewer, 5 s per run, 3 runs, after a warm-up "
+        "at 32) on the same 2 cores as nginx, the API and RabbitMQ. *before* is imgworker at "
+        "the commit named, exported from git and run with its own nginx site. *queued* is "
+        "messages in the queue after the run against 202s counted.",
         "",
         "| design | accepted/s, median (min–max) | p50 ms | p90 ms | p99 ms | vs baseline "
         "| refused | queued / accepted |",
@@ -147,7 +148,7 @@ def _memory_section(results):
 
 
 def _targets_section(results):
-    """Issue 5's targets against this run's figures."""
+    """The targets (issues 5 and 14) against this run's figures."""
     rows = []
 
     def row(target, measured, met):
@@ -167,24 +168,35 @@ def _targets_section(results):
         row("engine: every output within 0.5 dB PSNR", f"worst {max(0.0, loss):.2f} dB",
             loss <= engine_bench.PSNR_TOLERANCE_DB)
     if "ingest" in results:
-        designs = list(results["ingest"].values())
-        baseline = statistics.median(r.accepted_per_second for r in designs[0])
-        shipped = next(runs for name, runs in results["ingest"].items() if "as shipped" in name)
-        rate = statistics.median(r.accepted_per_second for r in shipped)
-        best_p99 = min(r.p99_ms for runs in designs[2:] for r in runs
-                       if "not durable" not in r.design)
-        row("ingest: >= 1,000 accepted uploads/s", f"{rate:.0f}/s", rate >= 1000)
-        row("ingest: p99 < 50 ms", f"best {best_p99:.0f} ms", best_p99 < 50)
-        row("ingest: >= 2.5x the straightforward design", _ratio(rate, baseline),
-            rate >= 2.5 * baseline)
+        ingest = results["ingest"]
+
+        def rate(name):
+            return statistics.median(r.accepted_per_second for r in ingest[name])
+        baseline = rate(next(iter(ingest)))
+        raw, form = rate("imgworker API, raw body"), rate("imgworker API, multipart")
+        for body, peak in (("raw body", raw), ("multipart", form)):
+            row(f"ingest, {body}: >= 1,000 accepted uploads/s", f"{peak:.0f}/s", peak >= 1000)
+            row(f"ingest, {body}: >= 5x the straightforward design", _ratio(peak, baseline),
+                peak >= 5 * baseline)
+            # p99 at the fewest connections that still give 90% of the peak
+            design = f"imgworker API, {body}"
+            at_load = [name for name in ingest if name.startswith(design + ",")
+                       and rate(name) >= 0.9 * peak] or [design]
+            runs = ingest[at_load[0]]
+            p99 = sorted(runs, key=lambda r: r.accepted_per_second)[len(runs) // 2].p99_ms
+            where = at_load[0][len(design) + 2:] or "full load"
+            row(f"ingest, {body}: p99 < 50 ms at 90% of peak", f"{p99:.0f} ms ({where})",
+                p99 < 50)
+        row("ingest: multipart within 10% of raw", f"{form / raw:.0%} of raw",
+            form >= 0.9 * raw)
     if "drain" in results:
         engine_rate = results["engine_2mp"][0]
         worst = min(d / (n * engine_rate) for n, d in results["drain"].items())
-        row("end to end: N workers drain >= 90% of N x engine rate", f"worst {worst:.0%}",
-            worst >= 0.9)
+        row("end to end: N workers drain >= 95% of N x engine rate", f"worst {worst:.0%}",
+            worst >= 0.95)
         latency = results["latency"].median
-        row("end to end: 2 MP upload to rendition p50 <= 150 ms", f"{latency:.0f} ms",
-            latency <= 150)
+        row("end to end: 2 MP upload to rendition p50 <= 101 ms", f"{latency:.0f} ms",
+            latency <= 101)
     if "memory" in results:
         (small, cap) = [main + renderer for main, renderer in results["memory"].values()]
         row("memory: worker <= 120 MB on the 12 MP job (both processes' peaks)",

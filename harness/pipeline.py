@@ -60,7 +60,7 @@ def wait_for_port(port, process, what, timeout=20):
 class Service:
     """One imgworker process with its own sd_notify socket."""
 
-    def __init__(self, name, args, env, workdir):
+    def __init__(self, name, args, env, workdir, source=REPO):
         self.name = name
         # AF_UNIX paths are limited to 108 bytes; pytest's tmp_path named
         # after a long test name can exceed that.
@@ -71,7 +71,7 @@ class Service:
         self.log_path = os.path.join(workdir, f"{name}.log")
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "imgworker", *args], cwd=REPO, stdout=log,
+                [sys.executable, "-m", "imgworker", *args], cwd=source, stdout=log,
                 stderr=subprocess.STDOUT, env={**os.environ, "NOTIFY_SOCKET": self.notify_path, **env})
 
     def read_notifications(self, timeout):
@@ -160,7 +160,7 @@ class Nginx:
         self.dir = tempfile.mkdtemp(prefix="iw-nginx-")
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
-        with open(os.path.join(REPO, "nginx", "imgworker.conf")) as handle:
+        with open(os.path.join(pipeline.source, "nginx", "imgworker.conf")) as handle:
             site = handle.read()
         for shipped, here in {
                 "listen 80 default_server;": f"listen 127.0.0.1:{self.port};",
@@ -225,7 +225,10 @@ class Pipeline:
     """A config file, a storage root and queues of its own, and helpers to
     start services and look at what a user would look at."""
 
-    def __init__(self, amqp_url, workdir, **sections):
+    def __init__(self, amqp_url, workdir, source=REPO, **sections):
+        """``source``: the imgworker tree whose API, workers and nginx site
+        run (the bench runs an older one beside this one)."""
+        self.source = source
         self.workdir = str(workdir)
         self.root = os.path.join(self.workdir, "storage")
         tag = uuid.uuid4().hex[:8]
@@ -260,7 +263,7 @@ class Pipeline:
     def start(self, name, *args, env=None, ready=True):
         service = Service(name, args, {"IMGWORKER_CONFIG": self.config_path,
                                        "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
-                                       **(env or {})}, self.workdir)
+                                       **(env or {})}, self.workdir, self.source)
         self.services.append(service)
         if ready:
             service.wait_notification("READY=1")
