@@ -170,8 +170,9 @@ SCHEMA = {
                           "Gunicorn worker processes of the API."),
         "threads": Option("16", _positive_int,
                           "Uploads each API process handles at once. Each thread has its "
-                          "own broker channel, so the fsyncs and confirms of concurrent "
-                          "uploads overlap instead of queueing."),
+                          "own broker channel, so the confirms of concurrent uploads "
+                          "overlap, and the uploads stored at once share one sync of the "
+                          "storage instead of queueing."),
         "max_upload_bytes": Option("26214400", _positive_int,
                                    "Largest accepted upload body in bytes (413 above); nginx's "
                                    "client_max_body_size must match."),

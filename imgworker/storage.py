@@ -111,6 +111,17 @@ def _create(path, data):
         os.close(fd)
 
 
+def _mark(record, mark):
+    """``mark`` as a second name of ``record``, or an empty file where the
+    filesystem has no hard links (some shared filesystems)."""
+    try:
+        os.link(record, mark)
+    except OSError as error:
+        if error.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK, errno.ENOSYS):
+            raise
+        _create(mark, b"")
+
+
 _libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -247,7 +258,7 @@ class Storage:
         try:
             _create(self.original_path(job.id), data)
             _create(temp, job.to_json())
-            os.link(temp, self._pending_path(job.id))
+            _mark(temp, self._pending_path(job.id))
             os.rename(temp, record)
             self._group_sync.wait()
         except OSError as error:
