@@ -21,6 +21,7 @@ import uuid
 from dataclasses import dataclass
 
 from harness.pipeline import REPO, Pipeline, wait_for_port
+from imgworker import config
 
 _WRK_SCRIPT = r"""
 local f = assert(io.open(os.getenv("BENCH_BODY"), "rb"))
@@ -108,8 +109,10 @@ def measure(workdir, amqp_url, design, server, body, content_type, clients, seco
     The run's files stay (emptied) below ``workdir``/runs."""
     run_dir = os.path.join(workdir, "runs", f"ingest-{uuid.uuid4().hex[:8]}")
     os.makedirs(run_dir)
+    # Each tree's shipped [api] workers (BEFORE shipped 2), not the test pipelines' 1
+    workers = str(config.load(os.devnull).api.workers) if source == REPO else "2"
     pipeline = Pipeline(amqp_url, run_dir, source=source,
-                        api={"workers": "2", **(api or {})}, broker=broker or {})
+                        api={"workers": workers, **(api or {})}, broker=broker or {})
     baseline = None
     try:
         if server == "baseline":

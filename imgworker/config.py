@@ -166,9 +166,12 @@ SCHEMA = {
     "api": {
         "listen": Option("127.0.0.1:8000", _listen,
                          "Address the API listens on; nginx proxies to it."),
-        "workers": Option("2", _positive_int,
-                          "Gunicorn worker processes of the API."),
-        "threads": Option("16", _positive_int,
+        "workers": Option("4", _positive_int,
+                          "Gunicorn worker processes of the API. Each has a Python "
+                          "interpreter lock of its own: on 2 cores, 4 processes of 8 "
+                          "threads took 10-25% more uploads/s than 2 of 16 "
+                          "(bench/results/ingest)."),
+        "threads": Option("8", _positive_int,
                           "Uploads each API process handles at once. Each thread has its "
                           "own broker channel, so the confirms of concurrent uploads "
                           "overlap, and the uploads stored at once share one sync of the "
