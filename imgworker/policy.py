@@ -73,8 +73,8 @@ class JobPolicy:
 
     def handle(self, body, redelivered=False):
         """Process one delivery; returns a Decision. Never raises: an
-        exception here would leave the delivery unsettled, and with prefetch
-        1 the worker would wait for it forever while feeding the watchdog."""
+        exception here would leave the delivery unsettled, and the worker
+        would hold it forever while feeding the watchdog."""
         self.ended_job = None
         try:
             message = json.loads(body)

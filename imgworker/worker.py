@@ -8,7 +8,9 @@ Threads, as in pika's ``basic_consumer_threaded`` example:
   included), reconnects with backoff, signals, systemd notifications and the
   watchdog;
 - one render thread runs the policy, so a long job never starves the
-  heartbeat; it hands the ack back with ``add_callback_threadsafe``.
+  heartbeat; it hands the ack back with ``add_callback_threadsafe``. With
+  [broker] prefetch 2 the next delivery is already queued for it, so its
+  render starts while the I/O thread sends the last job's event and ack.
 
 A job is acked only after the policy has made its renditions and record
 durable; a crash before that means the broker redelivers it, and the
@@ -102,6 +104,11 @@ class Worker:
                 if self._stop_requested:
                     break
                 broker.report_lost(error, backoff, self.notifier)
+                # Deliveries of a lost channel are the broker's again: a job
+                # not started yet is left to whoever gets it next.
+                for tag, future in list(self._in_hand.items()):
+                    if future.cancel():
+                        del self._in_hand[tag]
                 self._finish_in_hand(connection=None)
                 self._sleep(backoff)
                 backoff = min(backoff * 2, broker.MAX_RECONNECT_BACKOFF)

@@ -17,7 +17,7 @@ def write(tmp_path, text):
 
 def test_the_defaults_are_a_working_config_with_three_renditions():
     loaded = config.from_dict({})
-    assert loaded.broker.prefetch == 1
+    assert loaded.broker.prefetch == 2
     assert loaded.storage.root == "/var/lib/imgworker"
     assert [(r.name, r.width, r.height, r.mode, r.format, r.quality) for r in loaded.renditions] == [
         ("large", 1600, 1600, "fit", "jpeg", 85),

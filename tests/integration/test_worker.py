@@ -204,7 +204,7 @@ def test_a_malformed_message_is_dead_lettered_and_the_worker_takes_the_next_job(
     pipeline.start_api()
     worker = pipeline.start_worker()
     pipeline.publish_raw(body)
-    # When a good job comes after it (prefetch 1: it waits behind the bad one)
+    # When a good job comes after it (it waits behind the bad one)
     good = pipeline.upload(samples.jpeg(400, 300)).json()["id"]
     # Then the good job is done, the bad message sits in the dead-letter
     # queue, and the worker lives on and says why
