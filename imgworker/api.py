@@ -147,23 +147,25 @@ def _read_from_socket(reader, length):
 
 class Api:
     """The WSGI application. One instance per gunicorn worker process, called
-    from several threads; each thread makes its own broker connection on
-    first use, after the fork (pika connections are not thread-safe, and
-    must never be shared across fork())."""
+    from several threads, which share one broker connection made on first
+    use, after the fork (a pika connection must never be shared across
+    fork()); broker.GroupPublisher has one thread at a time use it."""
 
     def __init__(self, config):
         self.config = config
         self.storage = Storage(config.storage.root)
         self.limits = images.Limits.from_config(config)
-        self._local = threading.local()
+        self._publisher_lock = threading.Lock()
+        self._publisher, self._publisher_pid = None, None
 
     @property
     def publisher(self):
-        local = self._local
-        if getattr(local, "pid", None) != os.getpid():
-            local.publisher = broker.Publisher(self.config)
-            local.pid = os.getpid()
-        return local.publisher
+        """This process's GroupPublisher, made after the fork."""
+        with self._publisher_lock:
+            if self._publisher_pid != os.getpid():
+                self._publisher = broker.GroupPublisher(broker.Publisher(self.config))
+                self._publisher_pid = os.getpid()
+            return self._publisher
 
     # -- WSGI -----------------------------------------------------------------
     def __call__(self, environ, start_response):

@@ -175,10 +175,9 @@ SCHEMA = {
                           "threads took 10-25% more uploads/s than 2 of 16 "
                           "(bench/results/ingest)."),
         "threads": Option("8", _positive_int,
-                          "Uploads each API process handles at once. Each thread has its "
-                          "own broker channel, so the confirms of concurrent uploads "
-                          "overlap, and the uploads stored at once share one sync of the "
-                          "storage instead of queueing."),
+                          "Uploads each API process handles at once. The uploads stored "
+                          "at once share one sync of the storage, and their messages "
+                          "one wait for the broker's confirms, instead of queueing."),
         "max_upload_bytes": Option("26214400", _positive_int,
                                    "Largest accepted upload body in bytes (413 above); nginx's "
                                    "client_max_body_size must match."),

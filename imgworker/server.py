@@ -36,9 +36,10 @@ class ApiServer(BaseApplication):
         settings = {
             "bind": [self.config.api.listen],
             "workers": self.config.api.workers,
-            # Threads: an upload mostly waits (fsync, the broker's confirm),
-            # so one process overlaps many; each thread has its own broker
-            # connection (Api.publisher). Measured in bench/results.
+            # Threads: an upload mostly waits (the storage's sync, the
+            # broker's confirm), so one process overlaps many, and their
+            # syncs and confirms are shared (storage.GroupSync,
+            # broker.GroupPublisher). Measured in bench/results.
             "worker_class": "gthread",
             "threads": self.config.api.threads,
             "proc_name": "imgworker-api",
