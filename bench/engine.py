@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageChops
 
+from harness.pipeline import REPO, unit_environment
 from imgworker import images
 from imgworker.config import Rendition
 
@@ -227,7 +228,8 @@ print(' '.join(map(str, sample.values)))
 
 #: What imgworker@.service sets (Environment=): keep glibc from returning
 #: image-sized buffers to the kernel after every job and faulting them back.
-MALLOC_TUNING = {"MALLOC_MMAP_THRESHOLD_": "67108864", "MALLOC_TRIM_THRESHOLD_": "268435456"}
+MALLOC_TUNING = {name: value for name, value in unit_environment(
+    os.path.join(REPO, "systemd", "imgworker@.service")).items() if name.startswith("MALLOC_")}
 
 
 def in_fresh_process(data_path, repetitions, renditions="standard", malloc=MALLOC_TUNING):

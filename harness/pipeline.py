@@ -57,6 +57,19 @@ def wait_for_port(port, process, what, timeout=20):
             time.sleep(0.05)
 
 
+def unit_environment(path):
+    """{name: value} of a unit file's Environment= lines (unquoted values,
+    as imgworker's units write them)."""
+    found = {}
+    with open(path) as handle:
+        for line in handle:
+            if line.startswith("Environment="):
+                for assignment in line[len("Environment="):].split():
+                    name, _, value = assignment.partition("=")
+                    found[name] = value
+    return found
+
+
 class Service:
     """One imgworker process with its own sd_notify socket."""
 
@@ -269,8 +282,12 @@ class Pipeline:
             service.wait_notification("READY=1")
         return service
 
-    def start_api(self, **kwargs):
-        return self.start("api", "api", **kwargs)
+    def start_api(self, env=None, **kwargs):
+        """The API with the environment its shipped unit gives it (the
+        pipeline sets PROMETHEUS_MULTIPROC_DIR itself)."""
+        shipped = unit_environment(os.path.join(self.source, "systemd", "imgworker-api.service"))
+        shipped.pop("PROMETHEUS_MULTIPROC_DIR", None)
+        return self.start("api", "api", env={**shipped, **(env or {})}, **kwargs)
 
     def start_nginx(self, **kwargs):
         self.nginx = Nginx(self, **kwargs)
