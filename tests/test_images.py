@@ -278,6 +278,41 @@ def test_a_jpeg_with_thousands_of_scans_is_refused_at_upload_and_at_render(tmp_p
     assert images.identify(progressive, LIMITS).format == "jpeg"
 
 
+@pytest.mark.parametrize("make", [
+    lambda: samples.jpeg(640, 480),
+    lambda: samples.encode(samples.photo(320, 240), "JPEG", progressive=True),
+    lambda: samples.encode(samples.photo(300, 200).convert("L"), "JPEG"),
+    lambda: samples.encode(samples.photo(300, 200).convert("CMYK"), "JPEG"),
+    lambda: samples.marked_jpeg(400, 200, 6),
+], ids=["baseline", "progressive", "grey", "cmyk", "exif-rotated"])
+def test_a_jpegs_size_from_its_header_walk_is_what_pillow_reads(make):
+    data = make()
+    header = images._jpeg_header(data)
+    assert header.plain
+    with Image.open(io.BytesIO(data)) as image:
+        assert (header.width, header.height) == image.size
+    assert images.identify(data, LIMITS) == images.ImageInfo("jpeg", *image.size)
+
+
+def test_a_jpeg_header_the_walk_cannot_vouch_for_is_read_by_pillow():
+    data = bytearray(samples.jpeg(64, 48))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 9] = 2                           # two components: Pillow refuses
+    assert not images._jpeg_header(bytes(data)).plain
+    with pytest.raises(images.BadImage, match="header cannot be read"):
+        images.identify(bytes(data), LIMITS)
+    # and a walk that meets garbage before any scan gives up
+    assert images._jpeg_header(samples.jpeg(64, 48)[:sof]) is None
+
+
+def test_a_jpeg_over_the_size_limits_is_refused_from_its_header():
+    data = bytearray(samples.jpeg(64, 48))
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5:sof + 9] = (30000).to_bytes(2, "big") + (30000).to_bytes(2, "big")
+    with pytest.raises(images.BadImage, match="the image is 30000x30000; the largest side"):
+        images.identify(bytes(data), LIMITS)
+
+
 def test_scans_repeated_after_a_baseline_jpegs_only_scan_cost_no_decoding(tmp_path):
     # Its header proves one scan holds every component, so the scans are not
     # counted at upload; libjpeg stops at the second scan instead of
