@@ -41,9 +41,12 @@ def _fresh_pipeline(workdir, amqp_url, broker=None):
     return Pipeline(amqp_url, run_dir, api={"workers": "2"}, broker=broker or {}), run_dir
 
 
-def drain(workdir, amqp_url, photo, jobs, workers, broker=None):
+def drain(workdir, amqp_url, photo, jobs, workers, broker=None, busy=None):
     """Jobs per second that ``workers`` workers drain from a full queue
-    (``broker``: [broker] options, e.g. queue_type)."""
+    (``broker``: [broker] options, e.g. queue_type). ``busy``, a list: the
+    share of the workers' time their renderers spent on jobs is appended
+    (each record's render seconds, summed, over workers x the drain's
+    duration), the drain loop's efficiency measured in the run itself."""
     pipeline, run_dir = _fresh_pipeline(workdir, amqp_url, broker)
     try:
         pipeline.start_api()
@@ -63,8 +66,11 @@ def drain(workdir, amqp_url, photo, jobs, workers, broker=None):
             time.sleep(0.2)
         if waiting:
             raise RuntimeError(f"{workers} workers did not drain {jobs} jobs")
-        started = min(pipeline.read_job(job_id).started_at for job_id in ids)
+        records = [pipeline.read_job(job_id) for job_id in ids]
+        started = min(record.started_at for record in records)
         finished = max(os.stat(record_path(pipeline.root, job_id)).st_mtime for job_id in ids)
+        if busy is not None:
+            busy.append(sum(record.seconds for record in records) / (workers * (finished - started)))
         return jobs / (finished - started)
     finally:
         pipeline.close()

@@ -204,7 +204,7 @@ def run(workdir, amqp_url, photo, connections, seconds, repetitions, log=print):
         peaks[design] = measure_design(design, server, source, body, content_type,
                                        connections, repetitions, 1)
     for design, server, source, body, content_type in designs[-2:]:
-        for clients in (c for c in (4, 8, 16) if c < connections):
+        for clients in (c for c in (4, 8, 16, 24) if c < connections):
             rate = measure_design(f"{design}, {clients} connections", server, source, body,
                                   content_type, clients, repetitions, 0)
             if rate >= 0.9 * peaks[design]:

@@ -123,14 +123,26 @@ def _endtoend_section(results):
         "",
         f"One process renders the 2 MP job (the default renditions) at {rate:.1f} jobs/s "
         f"({sample} per job). Drain: 150 jobs per worker queued first, then the workers "
-        "start; the rate is from the first job's start to the last one's finish.",
+        "start; the rate is from the first job's start to the last one's finish. Each of "
+        "the drains per row is compared with the engine rate measured just before it "
+        "(*ratio*), and with the renderers' own time on those jobs (*renderers busy*: "
+        "each record's render seconds, summed, over workers x the drain's duration). On "
+        "this shared machine one process's engine rate moved between 51 and 78 ms per "
+        "job from one measurement to the next, so the ratio carries that noise; the "
+        "busy share is measured inside the run and shows the time the drain loop "
+        "spends outside the renderer.",
         "",
-        "| workers | drained jobs/s | N x engine rate | ratio |",
-        "|---|---|---|---|",
+        "| workers | drained jobs/s, median | N x engine rate, median | ratio, median (min–max) "
+        "| renderers busy, median (min–max) |",
+        "|---|---|---|---|---|",
     ]
-    for workers, drained in results["drain"].items():
-        lines.append(f"| {workers} | {drained:.1f} | {workers * rate:.1f} "
-                     f"| {drained / (workers * rate):.0%} |")
+    for workers, runs in results["drain"].items():
+        ratios = [drained / (workers * beside) for drained, beside, _ in runs]
+        busy = [share for _, _, share in runs]
+        lines.append(f"| {workers} | {statistics.median(d for d, _, _ in runs):.1f} "
+                     f"| {workers * statistics.median(b for _, b, _ in runs):.1f} "
+                     f"| {statistics.median(ratios):.0%} ({min(ratios):.0%}–{max(ratios):.0%}) "
+                     f"| {statistics.median(busy):.0%} ({min(busy):.0%}–{max(busy):.0%}) |")
     latency = results["latency"]
     lines += ["", f"Upload to rendition, 2 MP, idle system, {len(latency.values)} uploads "
               f"through nginx: p50 {latency.median:.0f} ms, p90 {latency.percentile(90):.0f} ms, "
@@ -190,10 +202,14 @@ def _targets_section(results):
         row("ingest: multipart within 10% of raw", f"{form / raw:.0%} of raw",
             form >= 0.9 * raw)
     if "drain" in results:
-        engine_rate = results["engine_2mp"][0]
-        worst = min(d / (n * engine_rate) for n, d in results["drain"].items())
-        row("end to end: N workers drain >= 95% of N x engine rate", f"worst {worst:.0%}",
-            worst >= 0.95)
+        worst = min(statistics.median(d / (n * b) for d, b, _ in runs)
+                    for n, runs in results["drain"].items())
+        busiest = min(statistics.median(share for _, _, share in runs)
+                      for runs in results["drain"].values())
+        row("end to end: N workers drain >= 95% of N x engine rate (engine measured beside)",
+            f"worst {worst:.0%}", worst >= 0.95)
+        row("end to end: N workers' renderers busy >= 95% of the drain (measured in it)",
+            f"worst {busiest:.0%}", busiest >= 0.95)
         latency = results["latency"].median
         row("end to end: 2 MP upload to rendition p50 <= 101 ms", f"{latency:.0f} ms",
             latency <= 101)
@@ -279,10 +295,11 @@ def chart(results, path):
 
     figure, (left, right) = pyplot.subplots(1, 2, figsize=(12, 6.5))
     if "drain" in results:
-        rate = results["engine_2mp"][0]
         workers = sorted(results["drain"])
-        left.plot(workers, [results["drain"][n] for n in workers], "o-", label="measured drain")
-        left.plot(workers, [n * rate for n in workers], "--", label="N x one-process engine rate")
+        left.plot(workers, [statistics.median(d for d, _, _ in results["drain"][n]) for n in workers],
+                  "o-", label="measured drain")
+        left.plot(workers, [n * statistics.median(b for _, b, _ in results["drain"][n])
+                            for n in workers], "--", label="N x one-process engine rate")
         left.set_xticks(workers)
     left.set_ylim(bottom=0)
     left.set_xlabel("workers")
