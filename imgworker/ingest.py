@@ -11,7 +11,10 @@ upload lingers, whatever instant the API dies at.
     the API dies (kill -9, OOM, power) at any arrow: recover(), run by
     imgworker-sweep.timer, finds what is older than [api] requeue_after:
       - a pending mark with a `queued` record: published again (a duplicate
-        message is harmless: a worker acknowledges a finished job);
+        message is harmless: a worker acknowledges a finished job), unless
+        its original is not all on disk (one sync makes both durable, in no
+        set order, so power lost during it can leave the record alone):
+        removed, it had no 202;
       - a pending mark with a record a worker moved on: only unmarked (the
         worker's delivered() normally clears it first);
       - a pending mark, or an original, with no record: never accepted, so
@@ -84,6 +87,16 @@ def recover(config, older_than=None):
             log = JobLog(logger, job_id)
             job = storage.read_job(job_id)
             if job is None:
+                storage.forget_job(job_id)
+                dropped += 1
+                continue
+            if job.state is State.QUEUED and not storage.has_original(job):
+                # The host stopped while the upload's sync was under way:
+                # the record reached the disk, not all of the original. It
+                # had no 202 (that comes after the sync), so nobody was
+                # promised anything.
+                log.warning("dropping an upload whose original is incomplete on disk (the "
+                            "host stopped before it was synced); it was never accepted.")
                 storage.forget_job(job_id)
                 dropped += 1
                 continue

@@ -270,6 +270,14 @@ class Storage:
                 raise StorageFull(f"no space left below {self.root}") from None
             raise
 
+    def has_original(self, job):
+        """The job's original is on disk, all of it (the size its record
+        names)."""
+        try:
+            return os.stat(self.original_path(job.id)).st_size == job.original["bytes"]
+        except FileNotFoundError:
+            return False
+
     def write_renditions(self, job_id, outputs):
         """Store a job's renditions, [(rendition, bytes)], all durably."""
         write_all_atomically(self.rendition_dir(job_id), {

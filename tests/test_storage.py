@@ -11,6 +11,7 @@ import time
 import pytest
 
 from harness import samples
+from imgworker import config, ingest
 from imgworker.job import Job
 from imgworker.storage import GroupSync, Storage, StorageFull, new_job_id
 
@@ -83,3 +84,20 @@ def test_a_failed_sync_fails_the_waiters_it_served_and_not_later_ones(tmp_path):
         sync.wait()
     sync.wait()                                  # the next sync succeeds
     assert sync.calls == 2
+
+
+def test_the_sweep_drops_an_upload_whose_record_reached_the_disk_without_all_its_original(tmp_path):
+    # Given what power lost during an upload's sync may leave: the record and
+    # its pending mark, and only part of the original (no 202 was given)
+    storage = Storage(str(tmp_path / "storage"))
+    storage.prepare(marker=True)
+    job_id, data = new_job_id(), samples.jpeg(64, 48)
+    storage.store_upload(Job.accepted(job_id, "jpeg", 64, 48, len(data)), data)
+    os.truncate(storage.original_path(job_id), len(data) // 2)
+    ini = tmp_path / "config.ini"
+    ini.write_text(f"[storage]\nroot = {storage.root}\n[broker]\nurl = amqp://nobody@127.0.0.1:9/\n")
+    # When the sweep runs: it is removed, not queued (no broker is needed)
+    assert ingest.recover(config.load(str(ini)), older_than=-1) == (0, 0, 1)
+    assert storage.read_job(job_id) is None
+    assert not os.path.exists(storage.original_path(job_id))
+    assert storage.pending_jobs(-1) == []

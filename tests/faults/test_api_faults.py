@@ -32,7 +32,8 @@ def test_the_sweep_queues_an_upload_the_api_died_on_and_drops_one_never_accepted
     # Given what an API killed between fsync and the broker's confirm leaves:
     stranded = new_job_id()
     storage.prepare()
-    storage.store_upload(Job.accepted(stranded, "jpeg", 640, 480, 1), samples.jpeg(640, 480))
+    original = samples.jpeg(640, 480)
+    storage.store_upload(Job.accepted(stranded, "jpeg", 640, 480, len(original)), original)
     # ...and what one killed before it wrote the job's state leaves
     never_accepted = new_job_id()
     storage.save_original(never_accepted, samples.jpeg(64, 64))
