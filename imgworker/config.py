@@ -172,8 +172,8 @@ SCHEMA = {
         "workers": Option("4", _positive_int,
                           "Gunicorn worker processes of the API. Each has a Python "
                           "interpreter lock of its own: on 2 cores, 4 processes of 8 "
-                          "threads took 10-25% more uploads/s than 2 of 16 "
-                          "(bench/results/ingest)."),
+                          "threads took 10-25% more uploads/s than 2 of 16 (the bench's "
+                          "ingest runs, alternated)."),
         "threads": Option("8", _positive_int,
                           "Uploads each API process handles at once. The uploads stored "
                           "at once share one sync of the storage, and their messages "
