@@ -69,7 +69,8 @@ def test_a_health_check_waits_for_the_batch_in_flight():
     publisher = broker.GroupPublisher(recording)
     worker = threading.Thread(target=publisher.publish, args=("job0", b"{}"))
     worker.start()
-    time.sleep(0.002)
+    while not recording.batches:                # the batch is in flight (10 ms)
+        time.sleep(0.0005)
     publisher.check()
     worker.join(5)
     assert recording.batches == [["job0"], "check"]
