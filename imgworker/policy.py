@@ -14,16 +14,24 @@ that), so each outcome can be tested on its own: tests/test_policy.py.
 - a full disk, or shared storage gone from sight (unmounted), is the
   host's problem, not the job's: the policy waits with the job in hand and
   its attempts untouched.
+
+A job is handled in two steps, so that a worker can render one job while
+the last one's files are made durable: ``begin`` reads the delivery,
+counts the attempt and renders; ``finish`` writes the renditions and the
+record and says how to settle. ``handle`` does both, one after the other.
 """
 
+import copy
 import enum
 import json
 import logging
 import os
+import threading
 import time
+import typing
 
 from . import images, ingest
-from .job import State
+from .job import Job, State
 from .log import JobLog
 from .renderer import RenderTimeout
 from .storage import StorageFull, is_job_id
@@ -41,12 +49,35 @@ class Decision(enum.Enum):
     REQUEUE = "requeue"          # transient failure, or stopping: hand it back
 
 
+class Outcome(typing.NamedTuple):
+    """What became of one delivery."""
+    decision: Decision
+    #: The job if it ended (done or failed), also when it had ended before
+    #: (a redelivery): its event is published before the ack, so a worker
+    #: dying in between sends it twice, never zero times.
+    ended: typing.Optional[Job] = None
+    #: "done", "failed" or "retried" when this delivery did that to the job
+    #: (the jobs counted in metrics), else None.
+    counted: typing.Optional[str] = None
+
+
+class Rendered(typing.NamedTuple):
+    """A job ``begin`` rendered, its outputs not yet on disk."""
+    job: Job
+    log: JobLog
+    attempts: int
+    outputs: list
+    started: float     # monotonic time its render began
+    seconds: float     # the render's, the job's own time (its record says it)
+
+
 class JobPolicy:
-    """One worker's handling of jobs, one at a time.
+    """One worker's handling of jobs: at most one in ``begin`` and one in
+    ``finish`` at a time, in two threads of the worker.
 
     ``render(path, progress)`` makes the outputs (the renderer child);
-    ``progress()`` is called at every step and during waits (the watchdog
-    listens); ``status(text)`` says what is going on (sd_notify STATUS=);
+    ``progress()`` is called at every step of a job and during waits;
+    ``status(text)`` says what is going on (sd_notify STATUS=);
     ``stopping()`` is true once the worker was asked to stop.
     """
 
@@ -59,11 +90,8 @@ class JobPolicy:
         self._progress = progress
         self._status = status
         self._stopping = stopping
-        self.current_job = None     # id of the job in hand
-        #: The Job that the last handle() saw end (done or failed), also when
-        #: it had ended before (a redelivery): its event is published before
-        #: the ack, so a worker dying in between makes it twice, never zero times.
-        self.ended_job = None
+        self._lock = threading.Lock()
+        self._steps = {}            # id of each job in hand -> monotonic time of its last step
         self.jobs_done = 0
         self.jobs_failed = 0
         self.jobs_retried = 0
@@ -71,11 +99,24 @@ class JobPolicy:
     def idle_status(self):
         return f"Waiting for jobs; {self.jobs_done} done, {self.jobs_failed} failed."
 
+    def silence(self):
+        """Seconds since the job in hand that moved least recently made a
+        step (the watchdog's measure of a stall); None with no job in hand."""
+        with self._lock:
+            oldest = min(self._steps.values(), default=None)
+        return None if oldest is None else time.monotonic() - oldest
+
     def handle(self, body, redelivered=False):
-        """Process one delivery; returns a Decision. Never raises: an
-        exception here would leave the delivery unsettled, and the worker
-        would hold it forever while feeding the watchdog."""
-        self.ended_job = None
+        """``begin``, then ``finish`` if it rendered: the whole delivery."""
+        begun = self.begin(body, redelivered)
+        return self.finish(begun) if isinstance(begun, Rendered) else begun
+
+    def begin(self, body, redelivered=False):
+        """Read the delivery, count the attempt and render: a Rendered job
+        for ``finish``, or the Outcome if the job ends (or is handed back)
+        here. Never raises: an exception would leave the delivery
+        unsettled, and the worker would hold it forever while feeding the
+        watchdog."""
         try:
             message = json.loads(body)
         except ValueError:
@@ -84,30 +125,46 @@ class JobPolicy:
         if not is_job_id(job_id):
             logger.error("Dead-lettering a message that is not an imgworker job "
                          "(not a JSON object with a 32-hex-digit id): %r", body[:200])
-            return Decision.DEAD_LETTER
-        try:
-            return self._handle_job(job_id, redelivered)
-        except Exception:  # noqa: BLE001 - a bug must not stall the worker
-            logger.exception("Dead-lettering job %s after an unexpected error.", job_id)
-            return Decision.DEAD_LETTER
-
-    def _handle_job(self, job_id, redelivered):
+            return Outcome(Decision.DEAD_LETTER)
         log = JobLog(logger, job_id)
+        try:
+            return self._begin(log, redelivered)
+        except Exception:  # noqa: BLE001 - a bug must not stall the worker
+            log.exception("dead-lettered after an unexpected error.")
+            return Outcome(Decision.DEAD_LETTER)
+        finally:
+            self._put_down(job_id)
+
+    def finish(self, rendered):
+        """Make a rendered job's renditions and record durable: the
+        Outcome, ACK only once they are. Never raises (as ``begin``)."""
+        job, log = rendered.job, rendered.log
+        self._step(job.id)
+        try:
+            return self._finish(rendered)
+        except Exception:  # noqa: BLE001 - a bug must not stall the worker
+            log.exception("dead-lettered after an unexpected error.")
+            return Outcome(Decision.DEAD_LETTER)
+        finally:
+            self._put_down(job.id)
+
+    # -- the two steps ----------------------------------------------------------
+    def _begin(self, log, redelivered):
+        job_id = log.job_id
         if not self._when_storage_in_sight(log):
-            return Decision.REQUEUE
+            return Outcome(Decision.REQUEUE)
         job = self.storage.read_job(job_id)
         if job is None:
             # The API removes state and original when the broker did not
             # confirm (the client got 503), so there is nothing to do.
             log.warning("dropped: no such job in %s (its upload was refused).",
                         self.storage.root)
-            return Decision.ACK
+            return Outcome(Decision.ACK)
         ingest.delivered(self.storage, job_id)
         if job.state.finished:
             # Finished before, but the ack was lost (crash, broker restart).
             log.info("already %s; acknowledging the redelivery.", job.state.value)
-            self.ended_job = job
-            return Decision.ACK if job.state is State.DONE else Decision.DEAD_LETTER
+            return Outcome(Decision.ACK if job.state is State.DONE else Decision.DEAD_LETTER, job)
 
         attempts = job.attempts + 1
         max_attempts = self.config.worker.max_attempts
@@ -117,39 +174,20 @@ class JobPolicy:
                       + (f"; earlier: {job.last_error}" if job.last_error else ""))
             return self._fail(job, log, reason)
 
-        self.current_job = job_id
-        self._progress()
+        self._step(job_id)
         self._status(f"Processing job {job_id} (attempt {attempts}).")
         try:
             job.start(self.instance)
             if not self._when_space(log, lambda: self.storage.write_job(job)):
-                return Decision.REQUEUE
+                return Outcome(Decision.REQUEUE)
             log.info("processing (attempt %d of %d%s).", attempts, max_attempts,
                      ", redelivered" if redelivered else "")
             started = time.monotonic()
             original = self.storage.original_path(job_id)
             os.stat(original)   # a missing original fails the job (below), not the renderer
-            outputs = self._render(original, self._progress)
-            renditions = {
-                output.rendition.name: {
-                    "url": self.storage.rendition_url(job_id, output.rendition),
-                    "width": output.width, "height": output.height,
-                    "format": output.rendition.format, "bytes": len(output.data),
-                } for output in outputs}
-            job.finish(renditions, round(time.monotonic() - started, 3))
-
-            def write_results():
-                self.storage.write_renditions(
-                    job_id, [(output.rendition, output.data) for output in outputs])
-                self.storage.write_job(job)
-            if not self._when_space(log, write_results):
-                return Decision.REQUEUE
-            self.ended_job = job
-            self.jobs_done += 1
-            log.info("done in %.0f ms: %s.", 1000 * (time.monotonic() - started),
-                     ", ".join(f"{name} {r['width']}x{r['height']}"
-                               for name, r in renditions.items()))
-            return Decision.ACK
+            outputs = self._render(original, lambda: self._step(job_id))
+            return Rendered(job, log, attempts, outputs, started,
+                            round(time.monotonic() - started, 3))
         except (images.BadImage, images.UnsupportedFormat) as error:
             return self._fail(job, log, f"the image cannot be processed: {error}")
         except RenderTimeout as error:
@@ -160,10 +198,52 @@ class JobPolicy:
             return self._retry(job, log, attempts, error)
         except Exception as error:  # noqa: BLE001 - bounded by max_attempts
             return self._retry(job, log, attempts, error)
-        finally:
-            self.current_job = None
-            self._status(self.idle_status())
 
+    def _finish(self, rendered):
+        job, log, outputs = rendered.job, rendered.log, rendered.outputs
+        renditions = {
+            output.rendition.name: {
+                "url": self.storage.rendition_url(job.id, output.rendition),
+                "width": output.width, "height": output.height,
+                "format": output.rendition.format, "bytes": len(output.data),
+            } for output in outputs}
+        # The record says done only once it is written: a write that fails
+        # leaves ``job`` as it was, to be handed back (or failed) from there.
+        done = copy.copy(job)
+        done.finish(renditions, rendered.seconds)
+
+        def write_results():
+            self.storage.write_renditions(
+                job.id, [(output.rendition, output.data) for output in outputs])
+            self.storage.write_job(done)
+        try:
+            if not self._when_space(log, write_results):
+                return Outcome(Decision.REQUEUE)
+        except Exception as error:  # noqa: BLE001 - bounded by max_attempts
+            return self._retry(job, log, rendered.attempts, error)
+        self._count("done")
+        log.info("done in %.0f ms: %s.", 1000 * (time.monotonic() - rendered.started),
+                 ", ".join(f"{name} {r['width']}x{r['height']}"
+                           for name, r in renditions.items()))
+        return Outcome(Decision.ACK, done, "done")
+
+    # -- bookkeeping ------------------------------------------------------------
+    def _step(self, job_id):
+        with self._lock:
+            self._steps[job_id] = time.monotonic()
+        self._progress()
+
+    def _put_down(self, job_id):
+        with self._lock:
+            self._steps.pop(job_id, None)
+            in_hand = list(self._steps)
+        self._status(f"Processing job {in_hand[-1]}." if in_hand else self.idle_status())
+
+    def _count(self, what):
+        with self._lock:
+            setattr(self, f"jobs_{what}", getattr(self, f"jobs_{what}") + 1)
+
+    # -- waits and endings ------------------------------------------------------
     def _when_space(self, log, write):
         """Run ``write``; while storage is full, wait for space instead of
         spending the job's attempts on it (a full disk is the host's problem,
@@ -181,7 +261,7 @@ class JobPolicy:
                               error, self.storage.root)
                     self._status(f"Waiting for space below {self.storage.root}.")
                     waiting = True
-            if not self._pause(self.config.worker.retry_delay):
+            if not self._pause(log.job_id, self.config.worker.retry_delay):
                 return False
 
     def _when_storage_in_sight(self, log):
@@ -195,22 +275,21 @@ class JobPolicy:
                   "unmounted?); the job resumes once it is back.", self.storage.root)
         self._status(f"Waiting for the storage: {self.storage.root} is not the API's.")
         while not self.storage.is_shared_root():
-            if not self._pause(self.config.worker.retry_delay):
+            if not self._pause(log.job_id, self.config.worker.retry_delay):
                 return False
         log.info("the storage is back; carrying on.")
         return True
 
     def _fail(self, job, log, reason):
         log.error("failed: %s", reason)
-        self.jobs_failed += 1
+        self._count("failed")
         job.fail(reason)
         try:
             self.storage.write_job(job)
         except (OSError, StorageFull) as error:
             log.error("could not record the failure (%s); it is dead-lettered all the same.",
                       error)
-        self.ended_job = job
-        return Decision.DEAD_LETTER
+        return Outcome(Decision.DEAD_LETTER, job, "failed")
 
     def _retry(self, job, log, attempts, error):
         reason = str(error) or type(error).__name__
@@ -219,20 +298,20 @@ class JobPolicy:
         log.warning("attempt %d failed (%s); handing it back in %g s.",
                     attempts, reason, self.config.worker.retry_delay, exc_info=True)
         job.requeue(reason)
-        self.jobs_retried += 1
+        self._count("retried")
         try:
             self.storage.write_job(job)
         except (OSError, StorageFull):
             pass
-        self._pause(self.config.worker.retry_delay)
-        return Decision.REQUEUE
+        self._pause(job.id, self.config.worker.retry_delay)
+        return Outcome(Decision.REQUEUE, None, "retried")
 
-    def _pause(self, seconds):
+    def _pause(self, job_id, seconds):
         """Sleep, showing progress; False if the worker is asked to stop."""
         deadline = time.monotonic() + seconds
         while time.monotonic() < deadline:
             if self._stopping():
                 return False
-            self._progress()
+            self._step(job_id)
             time.sleep(min(_TICK, max(0.0, deadline - time.monotonic())))
         return True

@@ -7,10 +7,12 @@ Threads, as in pika's ``basic_consumer_threaded`` example:
 - the main thread owns the connection; it runs pika's I/O (heartbeats
   included), reconnects with backoff, signals, systemd notifications and the
   watchdog;
-- one render thread runs the policy, so a long job never starves the
-  heartbeat; it hands the ack back with ``add_callback_threadsafe``. With
-  [broker] prefetch 2 the next delivery is already queued for it, so its
-  render starts while the I/O thread sends the last job's event and ack.
+- one render thread runs the first step of the policy (read the job, count
+  the attempt, render), so a long job never starves the heartbeat;
+- one finish thread runs the second (write the renditions and the record,
+  each fsynced), so the next job's render overlaps the last one's writes;
+  it hands the ack back with ``add_callback_threadsafe``. With [broker]
+  prefetch 2 the next delivery is already there when a render ends.
 
 A job is acked only after the policy has made its renditions and record
 durable; a crash before that means the broker redelivers it, and the
@@ -24,13 +26,13 @@ import logging
 import os
 import signal
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import pika
 import pika.exceptions
 
 from . import broker, images, metrics
-from .policy import Decision, JobPolicy
+from .policy import Decision, JobPolicy, Rendered
 from .renderer import Renderer
 from .storage import Storage
 
@@ -47,14 +49,16 @@ class Worker:
         self.instance = instance
         self.notifier = notifier
         self._render_thread = ThreadPoolExecutor(1, thread_name_prefix="render")
+        self._finish_thread = ThreadPoolExecutor(1, thread_name_prefix="finish")
         self.renderer = Renderer(config.renditions, images.Limits.from_config(config),
                                  config.worker.job_timeout)
         self.policy = JobPolicy(config, instance, Storage(config.storage.root),
-                                self.renderer.render, progress=self._progress,
-                                status=notifier.status, stopping=lambda: self._stop_requested)
-        self._in_hand = {}          # delivery tag -> Future, on the current channel
+                                self.renderer.render, status=notifier.status,
+                                stopping=lambda: self._stop_requested)
+        # delivery tag -> (its render-thread Future: cancelled while not
+        # started, its Outcome Future), on the current channel
+        self._in_hand = {}
         self._events = None         # the confirmed channel events go out on
-        self._progress_at = None    # monotonic time of the job's last step
         self._stop_requested = False
         self._ready_sent = False
         self._last_ping = 0.0
@@ -106,8 +110,8 @@ class Worker:
                 broker.report_lost(error, backoff, self.notifier)
                 # Deliveries of a lost channel are the broker's again: a job
                 # not started yet is left to whoever gets it next.
-                for tag, future in list(self._in_hand.items()):
-                    if future.cancel():
+                for tag, (begun, _outcome) in list(self._in_hand.items()):
+                    if begun.cancel():
                         del self._in_hand[tag]
                 self._finish_in_hand(connection=None)
                 self._sleep(backoff)
@@ -116,6 +120,7 @@ class Worker:
         self.notifier.stopping(f"Stopped after {done} jobs done, {failed} failed.")
         logger.info("Stopped: %d jobs done, %d failed.", done, failed)
         self._render_thread.shutdown(wait=True)
+        self._finish_thread.shutdown(wait=True)
         self.renderer.stop()
         return 0
 
@@ -159,65 +164,69 @@ class Worker:
         logger.info("Stopping: no new jobs; finishing the one in hand.")
         self.notifier.stopping("Finishing the job in hand before stopping.")
         channel.basic_cancel(consumer_tag)
-        for tag, future in list(self._in_hand.items()):
-            if future.cancel():
+        for tag, (begun, _outcome) in list(self._in_hand.items()):
+            if begun.cancel():
                 del self._in_hand[tag]
                 channel.basic_nack(tag, requeue=True)
         self._finish_in_hand(connection)
 
     def _finish_in_hand(self, connection):
-        """Wait for the render thread's work, keeping I/O (and so the acks it
-        schedules) flowing when there is a connection to flow on."""
+        """Wait for the jobs in hand to end, keeping I/O (and so the acks
+        they schedule) flowing when there is a connection to flow on."""
         while self._in_hand:
             if connection is not None and connection.is_open:
                 connection.process_data_events(time_limit=_TICK)
             else:
-                for tag, future in list(self._in_hand.items()):
-                    if future.done():
+                for tag, (_begun, outcome) in list(self._in_hand.items()):
+                    if outcome.done():
                         del self._in_hand[tag]
                 time.sleep(_TICK)
             self._tick()
 
     # -- systemd --------------------------------------------------------------
     def _tick(self):
-        """Feed the watchdog while work makes progress. A render that has not
-        moved for stall_timeout stops the pings, so systemd kills and
-        restarts this worker and the broker redelivers its job."""
+        """Feed the watchdog while work makes progress. A job in hand that
+        has not moved for stall_timeout (a render, or a write to storage
+        that hangs) stops the pings, so systemd kills and restarts this
+        worker and the broker redelivers its jobs."""
         if self.notifier.watchdog_interval is None:
             return
-        now = time.monotonic()
-        stalled = (self.policy.current_job is not None and self._progress_at is not None
-                   and now - self._progress_at > self.config.worker.stall_timeout)
-        if stalled:
+        silence = self.policy.silence()
+        if silence is not None and silence > self.config.worker.stall_timeout:
             return
+        now = time.monotonic()
         if now - self._last_ping >= min(self.notifier.watchdog_interval, 1.0):
             self.notifier.watchdog()
             self._last_ping = now
 
-    def _progress(self):
-        self._progress_at = time.monotonic()
-
     # -- one delivery ---------------------------------------------------------
     def _on_message(self, connection, channel, method, properties, body):
         tag = method.delivery_tag
-        future = self._render_thread.submit(self._handle, body, method.redelivered)
-        self._in_hand[tag] = future
-        future.add_done_callback(functools.partial(self._settle, connection, channel, tag))
+        outcome = Future()
+        outcome.add_done_callback(functools.partial(self._settle, connection, channel, tag))
+        begun = self._render_thread.submit(self._begin, body, method.redelivered, outcome)
+        self._in_hand[tag] = (begun, outcome)
 
-    def _handle(self, body, redelivered):
-        """In the render thread: the policy's decision, and the job it saw end."""
-        policy = self.policy
-        before = (policy.jobs_done, policy.jobs_failed, policy.jobs_retried)
-        decision = policy.handle(body, redelivered)
-        done, failed, retried = (after - was for after, was in zip(
-            (policy.jobs_done, policy.jobs_failed, policy.jobs_retried), before))
-        if done:
-            metrics.count_job("done", policy.ended_job.seconds)
-        if failed:
-            metrics.count_job("failed")
-        if retried:
-            metrics.count_job("retried")
-        return decision, policy.ended_job
+    def _begin(self, body, redelivered, outcome):
+        """In the render thread: the policy's first step. A rendered job goes
+        on to the finish thread, and this thread to the next delivery."""
+        begun = self.policy.begin(body, redelivered)
+        if isinstance(begun, Rendered):
+            self._finish_thread.submit(self._finish, begun, outcome)
+        else:
+            self._ended(begun, outcome)
+
+    def _finish(self, rendered, outcome):
+        """In the finish thread: the policy's second step."""
+        self._ended(self.policy.finish(rendered), outcome)
+
+    @staticmethod
+    def _ended(result, outcome):
+        if result.counted == "done":
+            metrics.count_job("done", result.ended.seconds)
+        elif result.counted is not None:
+            metrics.count_job(result.counted)
+        outcome.set_result(result)
 
     def _publish_event(self, job):
         """On the I/O thread: the job's end to the events exchange, confirmed.
@@ -231,12 +240,10 @@ class Worker:
             return False
         return True
 
-    def _settle(self, connection, channel, tag, future):
-        """Runs in the render thread when a job ends: schedule its event and
-        its ack on the I/O thread."""
-        if future.cancelled():
-            return
-        decision, ended = future.result()
+    def _settle(self, connection, channel, tag, outcome):
+        """Runs in the thread that ended the job: schedule its event and its
+        ack on the I/O thread."""
+        decision, ended, _counted = outcome.result()
 
         def settle():
             self._in_hand.pop(tag, None)

@@ -2,6 +2,7 @@
 storage tree in tmp_path; rendering is images.render in this process, or a
 stand-in that raises what the renderer would."""
 
+import errno
 import json
 import os
 
@@ -9,7 +10,7 @@ import pytest
 
 from imgworker import config, images
 from imgworker.job import Job, State
-from imgworker.policy import Decision, JobPolicy
+from imgworker.policy import Decision, JobPolicy, Rendered
 from imgworker.renderer import RendererDied, RenderTimeout
 from imgworker.storage import Storage, StorageFull, new_job_id
 from harness import samples
@@ -47,14 +48,14 @@ def raising(error):
 def test_a_good_job_ends_done_with_its_renditions_on_disk_and_is_acked(world):
     make, storage, job_id = world
     policy = make()
-    assert policy.handle(message(job_id)) is Decision.ACK
+    assert policy.handle(message(job_id)).decision is Decision.ACK
     job = storage.read_job(job_id)
     assert (job.state, job.attempts, job.worker) == (State.DONE, 1, "7")
     assert sorted(job.renditions) == ["large", "medium", "thumb"]
     for rendition in job.renditions.values():
         assert os.path.getsize(os.path.join(storage.root, rendition["url"].lstrip("/"))) \
             == rendition["bytes"]
-    assert (policy.jobs_done, policy.current_job) == (1, None)
+    assert (policy.jobs_done, policy.silence()) == (1, None)
 
 
 @pytest.mark.parametrize("error, decision, state, reason", [
@@ -71,7 +72,7 @@ def test_a_good_job_ends_done_with_its_renditions_on_disk_and_is_acked(world):
 def test_a_failed_render_is_failed_for_good_or_retried_by_its_kind(world, error, decision, state,
                                                                     reason):
     make, storage, job_id = world
-    assert make(raising(error)).handle(message(job_id)) is decision
+    assert make(raising(error)).handle(message(job_id)).decision is decision
     job = storage.read_job(job_id)
     field, text = reason.split(": ", 1)
     assert (job.state, job.attempts, getattr(job, field)) == (state, 1, text)
@@ -80,7 +81,7 @@ def test_a_failed_render_is_failed_for_good_or_retried_by_its_kind(world, error,
 def test_the_last_allowed_attempt_failing_fails_the_job_with_every_reason(world):
     make, storage, job_id = world
     policy = make(raising(RendererDied("the renderer process died")))
-    decisions = [policy.handle(message(job_id)) for _ in range(3)]
+    decisions = [policy.handle(message(job_id)).decision for _ in range(3)]
     assert decisions == [Decision.REQUEUE, Decision.REQUEUE, Decision.DEAD_LETTER]
     job = storage.read_job(job_id)
     assert (job.state, job.attempts) == (State.FAILED, 3)
@@ -96,7 +97,8 @@ def test_a_job_whose_attempts_are_used_up_by_crashes_fails_without_rendering(wor
         job.start("1")
     storage.write_job(job)
     # When it is delivered once more, nothing is rendered
-    decision = make(raising(AssertionError("must not render"))).handle(message(job_id), True)
+    outcome = make(raising(AssertionError("must not render"))).handle(message(job_id), True)
+    decision = outcome.decision
     assert decision is Decision.DEAD_LETTER
     assert storage.read_job(job_id).error == ("gave up after 3 attempts; the last one ended "
                                               "without a result (did the worker crash?)")
@@ -110,7 +112,8 @@ def test_a_finished_job_redelivered_is_settled_as_it_ended_without_rendering(wor
     job.start("1")
     job.finish({}, 0.1) if state is State.DONE else job.fail("earlier")
     storage.write_job(job)
-    assert make(raising(AssertionError("must not render"))).handle(message(job_id), True) is decision
+    outcome = make(raising(AssertionError("must not render"))).handle(message(job_id), True)
+    assert (outcome.decision, outcome.ended.state) == (decision, state)
     assert storage.read_job(job_id).attempts == 1
 
 
@@ -128,7 +131,7 @@ class _FullOnce(Storage):
 def test_a_full_disk_is_waited_out_with_the_attempt_untouched(world):
     make, storage, job_id = world
     full_once = _FullOnce(storage.root)
-    assert make(storage=full_once).handle(message(job_id)) is Decision.ACK
+    assert make(storage=full_once).handle(message(job_id)).decision is Decision.ACK
     job = full_once.read_job(job_id)
     assert (job.state, job.attempts) == (State.DONE, 1)
 
@@ -136,16 +139,17 @@ def test_a_full_disk_is_waited_out_with_the_attempt_untouched(world):
 def test_a_full_disk_while_stopping_hands_the_job_back(world):
     make, storage, job_id = world
     full_once = _FullOnce(storage.root)
-    assert make(storage=full_once, stopping=lambda: True).handle(message(job_id)) is Decision.REQUEUE
+    outcome = make(storage=full_once, stopping=lambda: True).handle(message(job_id))
+    assert outcome.decision is Decision.REQUEUE
     assert full_once.read_job(job_id).state is State.PROCESSING
 
 
 def test_an_unknown_job_is_acked_and_a_non_job_dead_lettered(world):
     make, _storage, _job_id = world
     policy = make(raising(AssertionError("must not render")))
-    assert policy.handle(message(new_job_id())) is Decision.ACK
+    assert policy.handle(message(new_job_id())).decision is Decision.ACK
     for body in (b"null", b'{"id": 1}', b"[]", b"\xff"):
-        assert policy.handle(body) is Decision.DEAD_LETTER
+        assert policy.handle(body).decision is Decision.DEAD_LETTER
 
 
 def test_a_root_that_lost_the_apis_marker_is_waited_out_not_taken_for_a_refused_upload(
@@ -166,7 +170,7 @@ def test_a_root_that_lost_the_apis_marker_is_waited_out_not_taken_for_a_refused_
             os.symlink(storage.root, mountpoint)
         return False
     policy = make(storage=Storage(mountpoint), stopping=mount_on_third_look)
-    assert policy.handle(message(job_id)) is Decision.ACK
+    assert policy.handle(message(job_id)).decision is Decision.ACK
     job = storage.read_job(job_id)
     assert (job.state, job.attempts) == (State.DONE, 1)
     assert len(looks) >= 3
@@ -178,5 +182,57 @@ def test_a_root_without_the_apis_marker_while_stopping_hands_the_job_back(world)
     os.makedirs(elsewhere.root)
     policy = make(raising(AssertionError("must not render")), storage=elsewhere,
                   stopping=lambda: True)
-    assert policy.handle(message(job_id)) is Decision.REQUEUE
+    assert policy.handle(message(job_id)).decision is Decision.REQUEUE
     assert (storage.read_job(job_id).state, storage.read_job(job_id).attempts) == (State.QUEUED, 0)
+
+
+def test_a_rendered_job_is_on_disk_and_acked_only_once_finished_while_the_next_one_begins(world):
+    # The worker's two threads: job A rendered (begin), job B begun before
+    # A's files are written (finish)
+    make, storage, job_a = world
+    job_b = new_job_id()
+    storage.save_original(job_b, samples.jpeg(640, 480))
+    storage.write_job(Job.accepted(job_b, "jpeg", 640, 480, 1))
+    policy = make()
+    rendered_a = policy.begin(message(job_a))
+    assert isinstance(rendered_a, Rendered)
+    assert not os.path.exists(storage.rendition_dir(job_a))
+    assert (storage.read_job(job_a).state, storage.read_job(job_a).attempts) == (State.PROCESSING, 1)
+
+    rendered_b = policy.begin(message(job_b))
+    assert storage.read_job(job_b).state is State.PROCESSING
+    outcome_a = policy.finish(rendered_a)
+    assert (outcome_a.decision, outcome_a.counted) == (Decision.ACK, "done")
+    assert outcome_a.ended.state is State.DONE
+    assert sorted(os.listdir(storage.rendition_dir(job_a))) == ["large.jpg", "medium.jpg",
+                                                               "thumb.jpg"]
+    assert storage.read_job(job_a).state is State.DONE
+    assert storage.read_job(job_b).state is State.PROCESSING
+
+    assert policy.finish(rendered_b).decision is Decision.ACK
+    assert storage.read_job(job_b).renditions["thumb"]["width"] <= 640
+    assert policy.jobs_done == 2
+
+
+class _BrokenOnce(Storage):
+    """Storage whose first rendition write fails with an I/O error."""
+    broken = True
+
+    def write_renditions(self, job_id, outputs):
+        if self.broken:
+            self.broken = False
+            raise OSError(errno.EIO, "Input/output error")
+        super().write_renditions(job_id, outputs)
+
+
+def test_a_failed_rendition_write_hands_the_job_back_and_the_next_attempt_does_it(world):
+    make, storage, job_id = world
+    policy = make(storage=_BrokenOnce(storage.root))
+    outcome = policy.handle(message(job_id))
+    assert (outcome.decision, outcome.counted) == (Decision.REQUEUE, "retried")
+    job = storage.read_job(job_id)
+    assert (job.state, job.attempts, job.last_error) == (State.QUEUED, 1, "[Errno 5] Input/output error")
+    assert policy.handle(message(job_id)).decision is Decision.ACK
+    job = storage.read_job(job_id)
+    assert (job.state, job.attempts, sorted(job.renditions)) == (State.DONE, 2,
+                                                                 ["large", "medium", "thumb"])
