@@ -4,6 +4,8 @@ and confirmed by RabbitMQ before its 202, driven by wrk on the same 2 cores.
 Designs, measured one after the other in one run, raw bodies and multipart:
 - the straightforward design (bench/baseline_api.py: multipart, sync
   workers, one confirmed publish per request): the baseline;
+- the ceiling (bench/ceiling_api.py: the body read and a 202, nothing
+  stored or queued): what nginx, gunicorn and wrk leave on these cores;
 - imgworker as it was before issue 14 (commit BEFORE, exported from git and
   run with its own nginx site): what the current path is measured against;
 - imgworker's API as it is, at full load and at the load that gives 90% of
@@ -20,7 +22,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 
-from harness.pipeline import REPO, Pipeline, wait_for_port
+from harness.pipeline import REPO, Pipeline, unit_environment, wait_for_port
 from imgworker import config
 
 _WRK_SCRIPT = r"""
@@ -48,7 +50,7 @@ class IngestResult:
     max_ms: float
     accepted: int
     refused: int
-    queued: int            # messages in the queue afterwards
+    queued: int            # messages in the queue afterwards (None: the ceiling queues nothing)
 
 
 def multipart(data, boundary="imgworker-bench-boundary"):
@@ -87,6 +89,23 @@ def _baseline_server(pipeline):
     return process
 
 
+def _ceiling_server(pipeline, env):
+    """gunicorn running bench/ceiling_api.py where the API would listen,
+    with the shipped API's processes, threads and environment."""
+    shipped = config.load(os.devnull).api
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", str(shipped.workers),
+         "--threads", str(shipped.threads), "-b", f"127.0.0.1:{pipeline.port}",
+         "--log-level", "warning", "bench.ceiling_api:app()"],
+        cwd=REPO, stdout=subprocess.DEVNULL, env={**os.environ, **env})
+    try:
+        wait_for_port(pipeline.port, process, "the ceiling API")
+    except AssertionError:
+        process.kill()
+        raise
+    return process
+
+
 def _release_space(run_dir):
     """Free a finished run's disk space but keep its files: on ext4 without
     a journal (this machine's) every file created scans past the inodes
@@ -104,8 +123,9 @@ def _release_space(run_dir):
 
 def measure(workdir, amqp_url, design, server, body, content_type, clients, seconds,
             api=None, env=None, broker=None, source=REPO):
-    """One wrk run against a fresh pipeline: ``server`` is "baseline" or
-    "imgworker"; ``api`` and ``broker`` are config options; an IngestResult.
+    """One wrk run against a fresh pipeline: ``server`` is "baseline",
+    "ceiling" or "imgworker"; ``api`` and ``broker`` are config options; an
+    IngestResult.
     The run's files stay (emptied) below ``workdir``/runs."""
     run_dir = os.path.join(workdir, "runs", f"ingest-{uuid.uuid4().hex[:8]}")
     os.makedirs(run_dir)
@@ -113,20 +133,24 @@ def measure(workdir, amqp_url, design, server, body, content_type, clients, seco
     workers = str(config.load(os.devnull).api.workers) if source == REPO else "2"
     pipeline = Pipeline(amqp_url, run_dir, source=source,
                         api={"workers": workers, **(api or {})}, broker=broker or {})
-    baseline = None
+    stand_in = None
     try:
         if server == "baseline":
-            baseline = _baseline_server(pipeline)
+            stand_in = _baseline_server(pipeline)
+        elif server == "ceiling":
+            shipped = unit_environment(os.path.join(source, "systemd", "imgworker-api.service"))
+            shipped.pop("PROMETHEUS_MULTIPROC_DIR", None)    # it keeps no metrics
+            stand_in = _ceiling_server(pipeline, {**shipped, **(env or {})})
         else:
             pipeline.start_api(env=env or {})
         nginx = pipeline.start_nginx(worker_processes=2)
         accepted, refused, duration, p50, p90, p99, worst = wrk(
             nginx.base_url + "/upload", body, content_type, clients, seconds)
-        queued = pipeline.queue_depth()
+        queued = None if server == "ceiling" else pipeline.queue_depth()
     finally:
-        if baseline is not None:
-            baseline.terminate()
-            baseline.wait()
+        if stand_in is not None:
+            stand_in.terminate()
+            stand_in.wait()
         pipeline.close()
         _release_space(run_dir)
     return IngestResult(design, accepted / duration, p50, p90, p99, worst, accepted, refused,
@@ -146,6 +170,9 @@ def write_bodies(workdir, photo):
         handle.write(form)
     return raw_path, form_path, form_type
 
+
+#: The ceiling's design name (the report puts imgworker's rate against it).
+CEILING = "ceiling: the body read, then 202 (nothing stored or queued), raw body"
 
 #: imgworker as it was before the ingest work of issue 14 ("today's path" in
 #: its text): its API and its nginx site run beside the current ones.
@@ -178,6 +205,7 @@ def run(workdir, amqp_url, photo, connections, seconds, repetitions, log=print):
         # the baseline keeps the nginx site it was first measured with
         ("straightforward design (baseline), multipart", "baseline", before or REPO, form_path,
          form_type),
+        (CEILING, "ceiling", REPO, raw_path, "image/jpeg"),
         *([(f"imgworker {short} (before), raw body", "imgworker", before, raw_path, "image/jpeg"),
            (f"imgworker {short} (before), multipart", "imgworker", before, form_path, form_type)]
           if before else []),
@@ -194,9 +222,11 @@ def run(workdir, amqp_url, photo, connections, seconds, repetitions, log=print):
             if repetition < warmup:
                 continue
             results[design].append(result)
+            queued = "nothing queued" if result.queued is None else \
+                f"{result.queued}/{result.accepted} in the queue"
             log(f"  {design}: {result.accepted_per_second:.0f} accepted/s, "
                 f"p50 {result.p50_ms:.1f} ms, p99 {result.p99_ms:.1f} ms, "
-                f"{result.refused} refused, {result.queued}/{result.accepted} in the queue")
+                f"{result.refused} refused, {queued}")
         return median_rate(results[design])
 
     peaks = {}

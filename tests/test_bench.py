@@ -9,6 +9,7 @@ import sys
 
 from PIL import Image
 
+from bench import ingest
 from harness.pipeline import REPO
 
 
@@ -24,7 +25,8 @@ def test_the_bench_smoke_run_writes_its_tables_and_chart(amqp_url, tmp_path):
                     "## 4. Memory", "## 5. Queue types and the cluster"):
         assert heading in results
     for row in ("| naive Pillow (baseline) |", "| imgworker (images.render",
-                "| straightforward design (baseline), multipart |", "| 2 |",
+                "| straightforward design (baseline), multipart |", f"| {ingest.CEILING} |",
+                "| 2 |",
                 "| one node, classic queue (baseline) |", "| 3-node cluster, quorum queue |",
                 "| kill -9 |"):
         assert row in results
@@ -33,5 +35,9 @@ def test_the_bench_smoke_run_writes_its_tables_and_chart(amqp_url, tmp_path):
     assert len(counts) == 5    # baseline; before, raw and multipart; now, raw and multipart
     for queued, accepted in counts:
         assert int(queued) >= int(accepted) > 0
+    # the ceiling answered (and stored nothing, so nothing is queued)
+    assert re.search(rf"^\| {re.escape(ingest.CEILING)} \| [1-9]\d* .*\| nothing, by design \|$",
+                     results, re.M)
+    assert "of the ceiling" in results
     with Image.open(out / "chart.png") as chart:
         assert chart.format == "PNG" and chart.width >= 800
