@@ -63,13 +63,17 @@ def main(argv=None):
                 results["drain"][workers] = []
                 for _ in range(1 if smoke else 3):
                     beside, _sample = endtoend.engine_rate(workdir, photo, 3 if smoke else 15)
+                    together = beside if workers == 1 else endtoend.engines_side_by_side(
+                        workdir, photo, 3 if smoke else 15, workers)
                     busy = []
                     drained = endtoend.drain(workdir, AMQP_URL, photo,
                                              4 if smoke else 150 * workers, workers, busy=busy)
-                    results["drain"][workers].append((drained, beside, busy[0]))
+                    results["drain"][workers].append(
+                        endtoend.DrainRun(drained, beside, together, busy[0]))
                     log(f"  {workers} worker(s) drain {drained:.1f} jobs/s "
                         f"({drained / (workers * beside):.0%} of {workers} x the engine rate, "
-                        f"{beside:.1f}/s just before); renderers busy {busy[0]:.0%}")
+                        f"{beside:.1f}/s just before; {drained / together:.0%} of {workers} "
+                        f"engines side by side, {together:.1f}/s); renderers busy {busy[0]:.0%}")
             results["latency"] = endtoend.latency(workdir, AMQP_URL, photo, 3 if smoke else 40)
             log(f"  upload to rendition on an idle system: {results['latency']}")
 

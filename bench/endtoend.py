@@ -4,7 +4,8 @@ runs them, with its MALLOC_* environment):
 - drain: K jobs queued with no worker running, then N workers start; the
   rate is K over the time from the first job's start to the last one's
   finish (from the job files), against N x the engine rate of one process
-  rendering the same job in this run;
+  rendering the same job in this run, and against N engine processes run
+  side by side (what the machine gives N renderers at once);
 - latency: on an idle system, one 2 MP upload at a time through nginx, from
   the request to its job state reading `done` on disk.
 """
@@ -12,7 +13,9 @@ runs them, with its MALLOC_* environment):
 import os
 import shutil
 import time
+import typing
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 
 import requests
 
@@ -33,6 +36,23 @@ def engine_rate(workdir, photo, repetitions):
         handle.write(photo)
     sample = engine.in_fresh_process(path, repetitions, renditions="default")
     return 1000 / sample.median, sample
+
+
+def engines_side_by_side(workdir, photo, repetitions, processes):
+    """Jobs per second of ``processes`` engine processes (engine_rate's)
+    rendering at once, summed: on a machine whose cores slow each other
+    down (shared caches, hyperthreads, a busy host), less than N x one."""
+    with ThreadPoolExecutor(processes) as pool:
+        rates = list(pool.map(lambda _: engine_rate(workdir, photo, repetitions)[0],
+                              range(processes)))
+    return sum(rates)
+
+
+class DrainRun(typing.NamedTuple):
+    drained: float          # jobs/s
+    engine: float           # one engine process's jobs/s, measured just before
+    side_by_side: float     # N engine processes' jobs/s together, measured just before
+    busy: float             # the renderers' share of the drain (drain's busy=)
 
 
 def _fresh_pipeline(workdir, amqp_url, broker=None):

@@ -160,9 +160,10 @@ class Worker:
 
     def _drain(self, connection, channel, consumer_tag):
         """Graceful stop: take no new deliveries, hand back those not
-        started, finish and ack the one in hand."""
-        logger.info("Stopping: no new jobs; finishing the one in hand.")
-        self.notifier.stopping("Finishing the job in hand before stopping.")
+        started, finish and ack those in hand (one rendering, one being
+        written)."""
+        logger.info("Stopping: no new jobs; finishing those in hand.")
+        self.notifier.stopping("Finishing the jobs in hand before stopping.")
         channel.basic_cancel(consumer_tag)
         for tag, (begun, _outcome) in list(self._in_hand.items()):
             if begun.cancel():
