@@ -65,15 +65,20 @@ def main(argv=None):
                     beside, _sample = endtoend.engine_rate(workdir, photo, 3 if smoke else 15)
                     together = beside if workers == 1 else endtoend.engines_side_by_side(
                         workdir, photo, 3 if smoke else 15, workers)
-                    busy = []
+                    busy, alongside = [], ([] if workers < cores else None)
                     drained = endtoend.drain(workdir, AMQP_URL, photo,
-                                             4 if smoke else 150 * workers, workers, busy=busy)
-                    results["drain"][workers].append(
-                        endtoend.DrainRun(drained, beside, together, busy[0]))
+                                             4 if smoke else 150 * workers, workers, busy=busy,
+                                             alongside=alongside)
+                    run = endtoend.DrainRun(drained, beside, together, busy[0],
+                                            alongside[0] if alongside else None)
+                    results["drain"][workers].append(run)
                     log(f"  {workers} worker(s) drain {drained:.1f} jobs/s "
                         f"({drained / (workers * beside):.0%} of {workers} x the engine rate, "
                         f"{beside:.1f}/s just before; {drained / together:.0%} of {workers} "
-                        f"engines side by side, {together:.1f}/s); renderers busy {busy[0]:.0%}")
+                        f"engines side by side, {together:.1f}/s"
+                        + (f"; {drained / (workers * run.alongside):.0%} of {workers} x an "
+                           f"engine alongside, {run.alongside:.1f}/s" if run.alongside else "")
+                        + f"); renderers busy {busy[0]:.0%}")
             results["latency"] = endtoend.latency(workdir, AMQP_URL, photo, 3 if smoke else 40)
             log(f"  upload to rendition on an idle system: {results['latency']}")
 

@@ -5,7 +5,9 @@ runs them, with its MALLOC_* environment):
   rate is K over the time from the first job's start to the last one's
   finish (from the job files), against N x the engine rate of one process
   rendering the same job in this run, and against N engine processes run
-  side by side (what the machine gives N renderers at once);
+  side by side (what the machine gives N renderers at once); with a core to
+  spare, also against one engine process rendering on it during the drain
+  (the same minutes: this host's speed moves by a third within seconds);
 - latency: on an idle system, one 2 MP upload at a time through nginx, from
   the request to its job state reading `done` on disk.
 """
@@ -53,6 +55,7 @@ class DrainRun(typing.NamedTuple):
     engine: float           # one engine process's jobs/s, measured just before
     side_by_side: float     # N engine processes' jobs/s together, measured just before
     busy: float             # the renderers' share of the drain (drain's busy=)
+    alongside: typing.Optional[float] = None    # one engine's jobs/s during the drain
 
 
 def _fresh_pipeline(workdir, amqp_url, broker=None):
@@ -61,12 +64,15 @@ def _fresh_pipeline(workdir, amqp_url, broker=None):
     return Pipeline(amqp_url, run_dir, api={"workers": "2"}, broker=broker or {}), run_dir
 
 
-def drain(workdir, amqp_url, photo, jobs, workers, broker=None, busy=None):
+def drain(workdir, amqp_url, photo, jobs, workers, broker=None, busy=None, alongside=None):
     """Jobs per second that ``workers`` workers drain from a full queue
     (``broker``: [broker] options, e.g. queue_type). ``busy``, a list: the
     share of the workers' time their renderers spent on jobs is appended
     (each record's render seconds, summed, over workers x the drain's
-    duration), the drain loop's efficiency measured in the run itself."""
+    duration), the drain loop's efficiency measured in the run itself.
+    ``alongside``, a list: an engine process renders as many jobs as one
+    worker does, started with the workers (on a spare core), and its rate
+    is appended."""
     pipeline, run_dir = _fresh_pipeline(workdir, amqp_url, broker)
     try:
         pipeline.start_api()
@@ -78,6 +84,10 @@ def drain(workdir, amqp_url, photo, jobs, workers, broker=None, busy=None):
                    for instance in range(1, workers + 1)]
         for worker in started:
             worker.wait_notification("READY=1")
+        engine_beside = None
+        if alongside is not None:
+            engine_beside = ThreadPoolExecutor(1)
+            engine_run = engine_beside.submit(engine_rate, workdir, photo, jobs // workers)
         deadline = time.monotonic() + 60 + jobs * 2
         waiting = list(ids)          # checked oldest first, each until it is done
         while waiting and time.monotonic() < deadline:
@@ -86,6 +96,9 @@ def drain(workdir, amqp_url, photo, jobs, workers, broker=None, busy=None):
             time.sleep(0.2)
         if waiting:
             raise RuntimeError(f"{workers} workers did not drain {jobs} jobs")
+        if engine_beside is not None:
+            alongside.append(engine_run.result()[0])
+            engine_beside.shutdown()
         records = [pipeline.read_job(job_id) for job_id in ids]
         started = min(record.started_at for record in records)
         finished = max(os.stat(record_path(pipeline.root, job_id)).st_mtime for job_id in ids)

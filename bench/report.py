@@ -143,12 +143,16 @@ def _endtoend_section(results):
         "busy share is measured inside the run and shows the time the drain loop "
         "spends outside the renderer. *N engines side by side* is N engine processes "
         "rendering at once, measured just before each drain: what this machine gives N "
-        "renderers together, against which N x one engine assumes perfect scaling.",
+        "renderers together, against which N x one engine assumes perfect scaling. "
+        "*Engine alongside* is one engine process rendering on a spare core during the "
+        "drain itself, where there is one: the only reference taken in the same seconds "
+        "(one process rendering in a loop here went from 88 to 57 ms per job within 3 s).",
         "",
         "| workers | drained jobs/s, median | N x engine rate, median | ratio, median (min–max) "
         "| N engines side by side, median | ratio, median (min–max) "
+        "| N x engine alongside, median | ratio, median (min–max) "
         "| renderers busy, median (min–max) |",
-        "|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
     def spread(values, form):
@@ -159,7 +163,10 @@ def _endtoend_section(results):
                      f"| {spread([r.drained / (workers * r.engine) for r in runs], '.0%')} "
                      f"| {statistics.median(r.side_by_side for r in runs):.1f} "
                      f"| {spread([r.drained / r.side_by_side for r in runs], '.0%')} "
-                     f"| {spread([r.busy for r in runs], '.0%')} |")
+                     + (f"| {workers * statistics.median(r.alongside for r in runs):.1f} "
+                        f"| {spread([r.drained / (workers * r.alongside) for r in runs], '.0%')} "
+                        if all(r.alongside for r in runs) else "| no spare core | – ")
+                     + f"| {spread([r.busy for r in runs], '.1%')} |")
     latency = results["latency"]
     lines += ["", f"Upload to rendition, 2 MP, idle system, {len(latency.values)} uploads "
               f"through nginx: p50 {latency.median:.0f} ms, p90 {latency.percentile(90):.0f} ms, "
@@ -229,8 +236,13 @@ def _targets_section(results):
             f"worst {worst:.0%}", worst >= 0.95)
         row("end to end: N workers drain >= 95% of N engines side by side (measured beside)",
             f"worst {worst_together:.0%}", worst_together >= 0.95)
+        same_time = [statistics.median(r.drained / (n * r.alongside) for r in runs)
+                     for n, runs in results["drain"].items() if all(r.alongside for r in runs)]
+        if same_time:
+            row("end to end: N workers drain >= 95% of N x an engine alongside (N < cores)",
+                f"worst {min(same_time):.0%}", min(same_time) >= 0.95)
         row("end to end: N workers' renderers busy >= 95% of the drain (measured in it)",
-            f"worst {busiest:.0%}", busiest >= 0.95)
+            f"worst {busiest:.1%}", busiest >= 0.95)
         latency = results["latency"].median
         row("end to end: 2 MP upload to rendition p50 <= 101 ms", f"{latency:.0f} ms",
             latency <= 101)
