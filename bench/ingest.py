@@ -22,7 +22,7 @@ import sys
 import uuid
 from dataclasses import dataclass
 
-from harness.pipeline import REPO, Pipeline, unit_environment, wait_for_port
+from harness.pipeline import REPO, Pipeline, wait_for_port
 from imgworker import config
 
 _WRK_SCRIPT = r"""
@@ -74,32 +74,25 @@ def wrk(url, body_path, content_type, connections, seconds):
     return requests - failed, failed, duration_us / 1e6, p50, p90, p99, worst
 
 
-def _baseline_server(pipeline):
-    """gunicorn running bench/baseline_api.py where the API would listen."""
-    spec = (f"bench.baseline_api:app({pipeline.root + '/originals'!r}, "
-            f"{pipeline.amqp_url!r}, {pipeline.queue!r})")
+def _stand_in(pipeline, server):
+    """gunicorn running a stand-in for the API where the API would listen:
+    bench/baseline_api.py (sync workers, as its design has them), or
+    bench/ceiling_api.py with the shipped API's processes, threads and
+    environment."""
+    if server == "baseline":
+        options, env = ["-w", "2"], {}
+        app = (f"bench.baseline_api:app({pipeline.root + '/originals'!r}, "
+               f"{pipeline.amqp_url!r}, {pipeline.queue!r})")
+    else:
+        shipped = config.load(os.devnull).api
+        options = ["-k", "gthread", "-w", str(shipped.workers), "--threads", str(shipped.threads)]
+        env, app = pipeline.api_environment(), "bench.ceiling_api:app()"
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-w", "2", "-b", f"127.0.0.1:{pipeline.port}",
-         "--log-level", "warning", spec], cwd=REPO, stdout=subprocess.DEVNULL)
-    try:
-        wait_for_port(pipeline.port, process, "the baseline API")
-    except AssertionError:
-        process.kill()
-        raise
-    return process
-
-
-def _ceiling_server(pipeline, env):
-    """gunicorn running bench/ceiling_api.py where the API would listen,
-    with the shipped API's processes, threads and environment."""
-    shipped = config.load(os.devnull).api
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "-k", "gthread", "-w", str(shipped.workers),
-         "--threads", str(shipped.threads), "-b", f"127.0.0.1:{pipeline.port}",
-         "--log-level", "warning", "bench.ceiling_api:app()"],
+        [sys.executable, "-m", "gunicorn", *options, "-b", f"127.0.0.1:{pipeline.port}",
+         "--log-level", "warning", app],
         cwd=REPO, stdout=subprocess.DEVNULL, env={**os.environ, **env})
     try:
-        wait_for_port(pipeline.port, process, "the ceiling API")
+        wait_for_port(pipeline.port, process, f"the {server} API")
     except AssertionError:
         process.kill()
         raise
@@ -135,12 +128,8 @@ def measure(workdir, amqp_url, design, server, body, content_type, clients, seco
                         api={"workers": workers, **(api or {})}, broker=broker or {})
     stand_in = None
     try:
-        if server == "baseline":
-            stand_in = _baseline_server(pipeline)
-        elif server == "ceiling":
-            shipped = unit_environment(os.path.join(source, "systemd", "imgworker-api.service"))
-            shipped.pop("PROMETHEUS_MULTIPROC_DIR", None)    # it keeps no metrics
-            stand_in = _ceiling_server(pipeline, {**shipped, **(env or {})})
+        if server in ("baseline", "ceiling"):
+            stand_in = _stand_in(pipeline, server)
         else:
             pipeline.start_api(env=env or {})
         nginx = pipeline.start_nginx(worker_processes=2)

@@ -282,12 +282,16 @@ class Pipeline:
             service.wait_notification("READY=1")
         return service
 
-    def start_api(self, env=None, **kwargs):
-        """The API with the environment its shipped unit gives it (the
-        pipeline sets PROMETHEUS_MULTIPROC_DIR itself)."""
+    def api_environment(self):
+        """The environment the shipped API unit gives the API, but for
+        PROMETHEUS_MULTIPROC_DIR (the pipeline sets its own)."""
         shipped = unit_environment(os.path.join(self.source, "systemd", "imgworker-api.service"))
         shipped.pop("PROMETHEUS_MULTIPROC_DIR", None)
-        return self.start("api", "api", env={**shipped, **(env or {})}, **kwargs)
+        return shipped
+
+    def start_api(self, env=None, **kwargs):
+        """The API with the environment its shipped unit gives it."""
+        return self.start("api", "api", env={**self.api_environment(), **(env or {})}, **kwargs)
 
     def start_nginx(self, **kwargs):
         self.nginx = Nginx(self, **kwargs)

@@ -63,9 +63,8 @@ class Outcome(typing.NamedTuple):
 
 class Rendered(typing.NamedTuple):
     """A job ``begin`` rendered, its outputs not yet on disk."""
-    job: Job
+    job: Job            # started: its attempts count this one
     log: JobLog
-    attempts: int
     outputs: list
     started: float     # monotonic time its render began
     seconds: float     # the render's, the job's own time (its record says it)
@@ -186,7 +185,7 @@ class JobPolicy:
             original = self.storage.original_path(job_id)
             os.stat(original)   # a missing original fails the job (below), not the renderer
             outputs = self._render(original, lambda: self._step(job_id))
-            return Rendered(job, log, attempts, outputs, started,
+            return Rendered(job, log, outputs, started,
                             round(time.monotonic() - started, 3))
         except (images.BadImage, images.UnsupportedFormat) as error:
             return self._fail(job, log, f"the image cannot be processed: {error}")
@@ -220,7 +219,7 @@ class JobPolicy:
             if not self._when_space(log, write_results):
                 return Outcome(Decision.REQUEUE)
         except Exception as error:  # noqa: BLE001 - bounded by max_attempts
-            return self._retry(job, log, rendered.attempts, error)
+            return self._retry(job, log, job.attempts, error)
         self._count("done")
         log.info("done in %.0f ms: %s.", 1000 * (time.monotonic() - rendered.started),
                  ", ".join(f"{name} {r['width']}x{r['height']}"
