@@ -17,8 +17,9 @@ that), so each outcome can be tested on its own: tests/test_policy.py.
 
 A job is handled in two steps, so that a worker can render one job while
 the last one's files are made durable: ``begin`` reads the delivery,
-counts the attempt and renders; ``finish`` writes the renditions and the
-record and says how to settle. ``handle`` does both, one after the other.
+counts the attempt and renders (the renderer leaves the renditions under
+temp names); ``finish`` makes the renditions and the record durable and
+says how to settle. ``handle`` does both, one after the other.
 """
 
 import copy
@@ -62,10 +63,11 @@ class Outcome(typing.NamedTuple):
 
 
 class Rendered(typing.NamedTuple):
-    """A job ``begin`` rendered, its outputs not yet on disk."""
+    """A job ``begin`` rendered, its renditions staged but not yet durable."""
     job: Job            # started: its attempts count this one
+    before: Job         # the record as it was before this attempt
     log: JobLog
-    outputs: list
+    staged: object      # renderer.Staged
     started: float     # monotonic time its render began
     seconds: float     # the render's, the job's own time (its record says it)
 
@@ -74,7 +76,8 @@ class JobPolicy:
     """One worker's handling of jobs: at most one in ``begin`` and one in
     ``finish`` at a time, in two threads of the worker.
 
-    ``render(path, progress)`` makes the outputs (the renderer child);
+    ``render(job_id, progress)`` renders the job and stages its renditions:
+    a renderer.Staged (the renderer child);
     ``progress()`` is called at every step of a job and during waits;
     ``status(text)`` says what is going on (sd_notify STATUS=);
     ``stopping()`` is true once the worker was asked to stop.
@@ -175,18 +178,26 @@ class JobPolicy:
 
         self._step(job_id)
         self._status(f"Processing job {job_id} (attempt {attempts}).")
+        before = copy.copy(job)
         try:
             job.start(self.instance)
             if not self._when_space(log, lambda: self.storage.write_job(job)):
                 return Outcome(Decision.REQUEUE)
             log.info("processing (attempt %d of %d%s).", attempts, max_attempts,
                      ", redelivered" if redelivered else "")
-            started = time.monotonic()
             original = self.storage.original_path(job_id)
             os.stat(original)   # a missing original fails the job (below), not the renderer
-            outputs = self._render(original, lambda: self._step(job_id))
-            return Rendered(job, log, outputs, started,
-                            round(time.monotonic() - started, 3))
+            rendered = []
+
+            def render():
+                started = time.monotonic()
+                staged = self._render(job_id, lambda: self._step(job_id))
+                rendered.append(Rendered(job, before, log, staged, started,
+                                         round(time.monotonic() - started, 3)))
+            # The renderer's staging of the renditions may find the disk full.
+            if not self._when_space(log, render):
+                return Outcome(Decision.REQUEUE)
+            return rendered[0]
         except (images.BadImage, images.UnsupportedFormat) as error:
             return self._fail(job, log, f"the image cannot be processed: {error}")
         except RenderTimeout as error:
@@ -199,24 +210,25 @@ class JobPolicy:
             return self._retry(job, log, attempts, error)
 
     def _finish(self, rendered):
-        job, log, outputs = rendered.job, rendered.log, rendered.outputs
+        job, log, staged = rendered.job, rendered.log, rendered.staged
         renditions = {
             output.rendition.name: {
                 "url": self.storage.rendition_url(job.id, output.rendition),
                 "width": output.width, "height": output.height,
-                "format": output.rendition.format, "bytes": len(output.data),
-            } for output in outputs}
+                "format": output.rendition.format, "bytes": output.size,
+            } for output in staged.outputs}
         # The record says done only once it is written: a write that fails
         # leaves ``job`` as it was, to be handed back (or failed) from there.
         done = copy.copy(job)
         done.finish(renditions, rendered.seconds)
-
-        def write_results():
-            self.storage.write_renditions(
-                job.id, [(output.rendition, output.data) for output in outputs])
-            self.storage.write_job(done)
         try:
-            if not self._when_space(log, write_results):
+            self.storage.commit_renditions(job.id, staged.files)
+        except StorageFull as error:
+            return self._render_again(rendered, error)
+        except Exception as error:  # noqa: BLE001 - bounded by max_attempts
+            return self._retry(job, log, job.attempts, error)
+        try:
+            if not self._when_space(log, lambda: self.storage.write_job(done)):
                 return Outcome(Decision.REQUEUE)
         except Exception as error:  # noqa: BLE001 - bounded by max_attempts
             return self._retry(job, log, job.attempts, error)
@@ -278,6 +290,18 @@ class JobPolicy:
                 return False
         log.info("the storage is back; carrying on.")
         return True
+
+    def _render_again(self, rendered, error):
+        """The disk filled up between staging the renditions and making them
+        durable, and their staged files are gone (storage.commit). The job is
+        handed back to be rendered again, once there is space, with its
+        record as it was before this attempt: the host's problem must not
+        spend the job's attempts."""
+        log = rendered.log
+        log.error("waiting: %s. Free space below %s; the job is rendered again once there "
+                  "is space.", error, self.storage.root)
+        self._when_space(log, lambda: self.storage.write_job(rendered.before))
+        return Outcome(Decision.REQUEUE)
 
     def _fail(self, job, log, reason):
         log.error("failed: %s", reason)

@@ -67,30 +67,71 @@ def write_all_atomically(directory, files, mode=None):
     """write_atomically for several files ({name: bytes}) of one directory,
     with one fsync of the directory for all the renames (a job's three
     renditions: 5.0 ms of writing became 4.1 ms per 2 MP job)."""
+    commit(directory, stage(directory, files, mode))
+
+
+def stage(directory, files, mode=None):
+    """The first half of write_all_atomically: each of ``files`` ({name:
+    bytes}) written to a temp file of its own in ``directory``, not synced:
+    {name: temp path} for commit(). StorageFull if there is no space; on any
+    error no temp file is left. The renderer child stages a job's
+    renditions, so their bytes never cross the pipe to the worker; the
+    worker commits them while the child renders the next job."""
     os.makedirs(directory, exist_ok=True)
     temps = {}
     try:
         for name, data in files.items():
             fd, temps[name] = tempfile.mkstemp(dir=directory, prefix=".tmp-")
-            with os.fdopen(fd, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            if mode is not None:
-                os.chmod(temps[name], mode)
+            try:
+                if mode is not None:
+                    os.fchmod(fd, mode)
+                _write_all(fd, data)
+            finally:
+                os.close(fd)
+    except BaseException as error:
+        _discard(temps)
+        _raise_full_as_storage_full(error, directory)
+        raise
+    return temps
+
+
+def commit(directory, temps):
+    """The second half: each staged file ({name: temp path}) fsynced and
+    renamed to its name, then the directory fsynced, so all are durable
+    under their names. On an error the temp files left are removed: after a
+    failed fsync their data is not to be trusted, so the caller writes (or
+    renders) them again."""
+    temps = dict(temps)
+    try:
+        for temp in temps.values():
+            # Another process wrote it: an fsync through a new descriptor
+            # still reports a writeback error nobody has seen (Linux 4.16+).
+            fd = os.open(temp, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         for name, temp in list(temps.items()):
             os.rename(temp, os.path.join(directory, name))
             del temps[name]
+        _fsync_dir(directory)
     except BaseException as error:
-        for temp in temps.values():
-            try:
-                os.unlink(temp)
-            except FileNotFoundError:
-                pass
-        if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise StorageFull(f"no space left below {directory}") from None
+        _discard(temps)
+        _raise_full_as_storage_full(error, directory)
         raise
-    _fsync_dir(directory)
+
+
+def _discard(temps):
+    for temp in temps.values():
+        try:
+            os.unlink(temp)
+        except FileNotFoundError:
+            pass
+
+
+def _raise_full_as_storage_full(error, directory):
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+        raise StorageFull(f"no space left below {directory}") from None
 
 
 #: Written by the API into the root it stores uploads in. A worker renders
@@ -104,11 +145,15 @@ def _create(path, data):
     """A new file holding ``data``, not synced (O_EXCL: never an old one)."""
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
     try:
-        view = memoryview(data)
-        while view:
-            view = view[os.write(fd, view):]
+        _write_all(fd, data)
     finally:
         os.close(fd)
+
+
+def _write_all(fd, data):
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
 
 
 def _mark(record, mark):
@@ -279,11 +324,17 @@ class Storage:
         except FileNotFoundError:
             return False
 
-    def write_renditions(self, job_id, outputs):
-        """Store a job's renditions, [(rendition, bytes)], all durably."""
-        write_all_atomically(self.rendition_dir(job_id), {
+    def stage_renditions(self, job_id, outputs):
+        """A job's renditions, [(rendition, bytes)], written under temp names
+        in their directory but not yet durable (see stage()): what
+        commit_renditions takes. The renderer child calls this."""
+        return stage(self.rendition_dir(job_id), {
             os.path.basename(self.rendition_path(job_id, rendition)): data
             for rendition, data in outputs}, _PUBLIC_FILE)
+
+    def commit_renditions(self, job_id, staged):
+        """Make staged renditions durable under their names (see commit())."""
+        commit(self.rendition_dir(job_id), staged)
 
     # -- job state ---------------------------------------------------------
     def read_job(self, job_id):

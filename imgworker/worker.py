@@ -9,8 +9,9 @@ Threads, as in pika's ``basic_consumer_threaded`` example:
   watchdog;
 - one render thread runs the first step of the policy (read the job, count
   the attempt, render), so a long job never starves the heartbeat;
-- one finish thread runs the second (write the renditions and the record,
-  each fsynced), so the next job's render overlaps the last one's writes;
+- one finish thread runs the second (make the renditions the renderer
+  staged, and the record, durable), so the next job's render overlaps the
+  last one's fsyncs;
   it hands the ack back with ``add_callback_threadsafe``. With [broker]
   prefetch 2 the next delivery is already there when a render ends.
 
@@ -50,8 +51,8 @@ class Worker:
         self.notifier = notifier
         self._render_thread = ThreadPoolExecutor(1, thread_name_prefix="render")
         self._finish_thread = ThreadPoolExecutor(1, thread_name_prefix="finish")
-        self.renderer = Renderer(config.renditions, images.Limits.from_config(config),
-                                 config.worker.job_timeout)
+        self.renderer = Renderer(config.storage.root, config.renditions,
+                                 images.Limits.from_config(config), config.worker.job_timeout)
         self.policy = JobPolicy(config, instance, Storage(config.storage.root),
                                 self.renderer.render, status=notifier.status,
                                 stopping=lambda: self._stop_requested)

@@ -1,6 +1,6 @@
 """The job policy on its own: no RabbitMQ, no renderer process. A real
-storage tree in tmp_path; rendering is images.render in this process, or a
-stand-in that raises what the renderer would."""
+storage tree in tmp_path; rendering is the renderer child's render_job in
+this process, or a stand-in that raises what the renderer would."""
 
 import errno
 import json
@@ -11,7 +11,7 @@ import pytest
 from imgworker import config, images
 from imgworker.job import Job, State
 from imgworker.policy import Decision, JobPolicy, Rendered
-from imgworker.renderer import RendererDied, RenderTimeout
+from imgworker.renderer import RendererDied, RenderTimeout, render_job
 from imgworker.storage import Storage, StorageFull, new_job_id
 from harness import samples
 
@@ -28,10 +28,12 @@ def world(tmp_path):
     storage.write_job(Job.accepted(job_id, "jpeg", 800, 600, 1))
     limits = images.Limits.from_config(settings)
 
-    def make(render=None, stopping=lambda: False, storage=storage):
-        render = render or (lambda path, progress: images.render(path, settings.renditions,
-                                                                 limits, progress))
+    def render(job_id, progress):
+        return render_job(storage, job_id, settings.renditions, limits, progress)
+
+    def make(render=render, stopping=lambda: False, storage=storage):
         return JobPolicy(settings, "7", storage, render, stopping=stopping)
+    make.render = render        # what the renderer child would do, in this process
     return make, storage, job_id
 
 
@@ -40,9 +42,14 @@ def message(job_id):
 
 
 def raising(error):
-    def render(_path, _progress):
+    def render(_job_id, _progress):
         raise error
     return render
+
+
+def rendition_files(storage, job_id):
+    """The file names in the job's renditions directory, temp files too."""
+    return sorted(os.listdir(storage.rendition_dir(job_id)))
 
 
 def test_a_good_job_ends_done_with_its_renditions_on_disk_and_is_acked(world):
@@ -117,31 +124,62 @@ def test_a_finished_job_redelivered_is_settled_as_it_ended_without_rendering(wor
     assert storage.read_job(job_id).attempts == 1
 
 
-class _FullOnce(Storage):
-    """Storage whose first rendition write finds the disk full."""
+def full_once(render):
+    """A render whose first staging of the renditions finds the disk full."""
+    calls = []
+
+    def once(job_id, progress):
+        calls.append(job_id)
+        if len(calls) == 1:
+            raise StorageFull("no space left below the test root")
+        return render(job_id, progress)
+    return once
+
+
+def test_a_full_disk_while_staging_is_waited_out_with_the_attempt_untouched(world):
+    make, storage, job_id = world
+    policy = make(full_once(make.render))
+    assert policy.handle(message(job_id)).decision is Decision.ACK
+    job = storage.read_job(job_id)
+    assert (job.state, job.attempts) == (State.DONE, 1)
+    assert rendition_files(storage, job_id) == ["large.jpg", "medium.jpg", "thumb.jpg"]
+
+
+def test_a_full_disk_while_staging_and_stopping_hands_the_job_back(world):
+    make, storage, job_id = world
+    policy = make(full_once(make.render), stopping=lambda: True)
+    assert policy.handle(message(job_id)).decision is Decision.REQUEUE
+    assert storage.read_job(job_id).state is State.PROCESSING
+
+
+class _FullAtCommitOnce(Storage):
+    """Storage whose first commit of staged renditions finds the disk full
+    (as an fsync on NFS does), removing the staged files as commit() does."""
     full = True
 
-    def write_renditions(self, job_id, outputs):
+    def commit_renditions(self, job_id, staged):
         if self.full:
             self.full = False
+            for temp in staged.values():
+                os.unlink(temp)
             raise StorageFull("no space left below the test root")
-        super().write_renditions(job_id, outputs)
+        super().commit_renditions(job_id, staged)
 
 
-def test_a_full_disk_is_waited_out_with_the_attempt_untouched(world):
+def test_a_full_disk_while_committing_hands_the_job_back_to_render_again_as_it_was(world):
     make, storage, job_id = world
-    full_once = _FullOnce(storage.root)
-    assert make(storage=full_once).handle(message(job_id)).decision is Decision.ACK
-    job = full_once.read_job(job_id)
+    policy = make(storage=_FullAtCommitOnce(storage.root))
+    outcome = policy.handle(message(job_id))
+    # handed back with its record as before the attempt, and nothing left
+    assert (outcome.decision, outcome.counted) == (Decision.REQUEUE, None)
+    job = storage.read_job(job_id)
+    assert (job.state, job.attempts) == (State.QUEUED, 0)
+    assert rendition_files(storage, job_id) == []
+    # the redelivery renders it again, as its first attempt
+    assert policy.handle(message(job_id)).decision is Decision.ACK
+    job = storage.read_job(job_id)
     assert (job.state, job.attempts) == (State.DONE, 1)
-
-
-def test_a_full_disk_while_stopping_hands_the_job_back(world):
-    make, storage, job_id = world
-    full_once = _FullOnce(storage.root)
-    outcome = make(storage=full_once, stopping=lambda: True).handle(message(job_id))
-    assert outcome.decision is Decision.REQUEUE
-    assert full_once.read_job(job_id).state is State.PROCESSING
+    assert rendition_files(storage, job_id) == ["large.jpg", "medium.jpg", "thumb.jpg"]
 
 
 def test_an_unknown_job_is_acked_and_a_non_job_dead_lettered(world):
@@ -196,7 +234,9 @@ def test_a_rendered_job_is_on_disk_and_acked_only_once_finished_while_the_next_o
     policy = make()
     rendered_a = policy.begin(message(job_a))
     assert isinstance(rendered_a, Rendered)
-    assert not os.path.exists(storage.rendition_dir(job_a))
+    # staged: written, but under temp names nginx does not serve
+    staged = rendition_files(storage, job_a)
+    assert len(staged) == 3 and all(name.startswith(".tmp-") for name in staged)
     assert (storage.read_job(job_a).state, storage.read_job(job_a).attempts) == (State.PROCESSING, 1)
 
     rendered_b = policy.begin(message(job_b))
@@ -204,8 +244,7 @@ def test_a_rendered_job_is_on_disk_and_acked_only_once_finished_while_the_next_o
     outcome_a = policy.finish(rendered_a)
     assert (outcome_a.decision, outcome_a.counted) == (Decision.ACK, "done")
     assert outcome_a.ended.state is State.DONE
-    assert sorted(os.listdir(storage.rendition_dir(job_a))) == ["large.jpg", "medium.jpg",
-                                                               "thumb.jpg"]
+    assert rendition_files(storage, job_a) == ["large.jpg", "medium.jpg", "thumb.jpg"]
     assert storage.read_job(job_a).state is State.DONE
     assert storage.read_job(job_b).state is State.PROCESSING
 
@@ -215,14 +254,18 @@ def test_a_rendered_job_is_on_disk_and_acked_only_once_finished_while_the_next_o
 
 
 class _BrokenOnce(Storage):
-    """Storage whose first rendition write fails with an I/O error."""
+    """Storage whose first commit of staged renditions fails with an I/O
+    error (an fsync that found a writeback error), removing the staged
+    files as commit() does."""
     broken = True
 
-    def write_renditions(self, job_id, outputs):
+    def commit_renditions(self, job_id, staged):
         if self.broken:
             self.broken = False
+            for temp in staged.values():
+                os.unlink(temp)
             raise OSError(errno.EIO, "Input/output error")
-        super().write_renditions(job_id, outputs)
+        super().commit_renditions(job_id, staged)
 
 
 def test_a_failed_rendition_write_hands_the_job_back_and_the_next_attempt_does_it(world):
@@ -232,6 +275,7 @@ def test_a_failed_rendition_write_hands_the_job_back_and_the_next_attempt_does_i
     assert (outcome.decision, outcome.counted) == (Decision.REQUEUE, "retried")
     job = storage.read_job(job_id)
     assert (job.state, job.attempts, job.last_error) == (State.QUEUED, 1, "[Errno 5] Input/output error")
+    assert rendition_files(storage, job_id) == []
     assert policy.handle(message(job_id)).decision is Decision.ACK
     job = storage.read_job(job_id)
     assert (job.state, job.attempts, sorted(job.renditions)) == (State.DONE, 2,

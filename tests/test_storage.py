@@ -101,3 +101,56 @@ def test_the_sweep_drops_an_upload_whose_record_reached_the_disk_without_all_its
     assert storage.read_job(job_id) is None
     assert not os.path.exists(storage.original_path(job_id))
     assert storage.pending_jobs(-1) == []
+
+
+def renditions_of(make_storage):
+    """A storage, a job id, and that job's renditions as the renderer makes them."""
+    storage = make_storage()
+    job_id = new_job_id()
+    renditions = config.from_dict({}).renditions
+    return storage, job_id, [(rendition, rendition.name.encode() * 100) for rendition in renditions]
+
+
+def test_staged_renditions_appear_under_their_names_only_once_committed(tmp_path):
+    storage, job_id, outputs = renditions_of(lambda: Storage(str(tmp_path)))
+    staged = storage.stage_renditions(job_id, outputs)
+    directory = storage.rendition_dir(job_id)
+    assert all(name.startswith(".tmp-") for name in os.listdir(directory))
+    assert len(os.listdir(directory)) == len(outputs)
+    storage.commit_renditions(job_id, staged)
+    for rendition, data in outputs:
+        path = storage.rendition_path(job_id, rendition)
+        with open(path, "rb") as handle:
+            assert handle.read() == data
+        assert os.stat(path).st_mode & 0o777 == 0o644     # nginx (www-data) serves them
+    assert len(os.listdir(directory)) == len(outputs)      # no temp file left
+
+
+@pytest.mark.parametrize("errno_, raised", [(errno.ENOSPC, StorageFull), (errno.EIO, OSError)])
+def test_a_failed_commit_leaves_no_staged_file_and_no_rendition(tmp_path, monkeypatch, errno_,
+                                                               raised):
+    storage, job_id, outputs = renditions_of(lambda: Storage(str(tmp_path)))
+    staged = storage.stage_renditions(job_id, outputs)
+
+    def failing_fsync(_fd):
+        raise OSError(errno_, os.strerror(errno_))
+    monkeypatch.setattr(os, "fsync", failing_fsync)
+    with pytest.raises(raised):
+        storage.commit_renditions(job_id, staged)
+    # after a failed fsync the data is not trusted: the job is rendered again
+    assert os.listdir(storage.rendition_dir(job_id)) == []
+
+
+def test_a_full_disk_while_staging_is_storage_full_and_leaves_no_temp_file(tmp_path, monkeypatch):
+    storage, job_id, outputs = renditions_of(lambda: Storage(str(tmp_path)))
+    real_write, writes = os.write, []
+
+    def full_on_second_file(fd, data):     # each staged file is one write
+        writes.append(fd)
+        if len(writes) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, data)
+    monkeypatch.setattr(os, "write", full_on_second_file)
+    with pytest.raises(StorageFull):
+        storage.stage_renditions(job_id, outputs)
+    assert os.listdir(storage.rendition_dir(job_id)) == []
