@@ -53,7 +53,7 @@ def main(argv=None):
         if "endtoend" in parts:
             rate, sample = endtoend.engine_rate(workdir, photo, 3 if smoke else 15)
             results["engine_2mp"] = (rate, sample)
-            log(f"end to end: one process renders the 2 MP job at {rate:.1f}/s ({sample})")
+            log(f"end to end: one process renders the 2 MP job at {rate:.1f}/s ({sample} per job)")
             cores = os.cpu_count() or 1
             # Each drain beside an engine rate measured just before it: on
             # this shared machine the engine alone varied by a third between
