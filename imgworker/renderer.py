@@ -11,10 +11,11 @@ attempt fails and the job is retried like any other transient failure, up to
 The child reads the original and writes the renditions itself, under temp
 names (Storage.stage_renditions): only their measures cross the pipe, and
 the worker makes them durable (Storage.commit_renditions) while the child
-renders the next job. Pickling the ~400 KB of a 2 MP job's renditions back
-through the pipe took the child 1-2 ms of each 50-90 ms job, and the
-worker's unpickling them held up its next job by ~1 ms (timestamps on both
-sides of the pipe, 150-job drains).
+renders the next job. Sending the ~400 KB of a 2 MP job's renditions back
+through the pipe kept the child waiting on the worker 1-2 ms of each
+50-90 ms job; writing them costs it ~1 ms of CPU, and the worker ~1.5 ms
+less (perf, and /proc over 2-worker drains). The renderers' share of a
+drain went from 95-96% to 97% (bench/results/ingest).
 
 The child is spawned (not forked): the worker has threads, and fork() of a
 threaded process copies locks in whatever state they were in.

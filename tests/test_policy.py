@@ -152,23 +152,27 @@ def test_a_full_disk_while_staging_and_stopping_hands_the_job_back(world):
     assert storage.read_job(job_id).state is State.PROCESSING
 
 
-class _FullAtCommitOnce(Storage):
-    """Storage whose first commit of staged renditions finds the disk full
-    (as an fsync on NFS does), removing the staged files as commit() does."""
-    full = True
+class _CommitFailsOnce(Storage):
+    """Storage whose first commit of staged renditions fails with ``error``,
+    removing the staged files as commit() does."""
+
+    def __init__(self, root, error):
+        super().__init__(root)
+        self.error = error
 
     def commit_renditions(self, job_id, staged):
-        if self.full:
-            self.full = False
+        if self.error is not None:
+            error, self.error = self.error, None
             for temp in staged.values():
                 os.unlink(temp)
-            raise StorageFull("no space left below the test root")
+            raise error
         super().commit_renditions(job_id, staged)
 
 
 def test_a_full_disk_while_committing_hands_the_job_back_to_render_again_as_it_was(world):
     make, storage, job_id = world
-    policy = make(storage=_FullAtCommitOnce(storage.root))
+    # the disk full when the renditions are fsynced (as NFS reports it)
+    policy = make(storage=_CommitFailsOnce(storage.root, StorageFull("no space left")))
     outcome = policy.handle(message(job_id))
     # handed back with its record as before the attempt, and nothing left
     assert (outcome.decision, outcome.counted) == (Decision.REQUEUE, None)
@@ -253,24 +257,10 @@ def test_a_rendered_job_is_on_disk_and_acked_only_once_finished_while_the_next_o
     assert policy.jobs_done == 2
 
 
-class _BrokenOnce(Storage):
-    """Storage whose first commit of staged renditions fails with an I/O
-    error (an fsync that found a writeback error), removing the staged
-    files as commit() does."""
-    broken = True
-
-    def commit_renditions(self, job_id, staged):
-        if self.broken:
-            self.broken = False
-            for temp in staged.values():
-                os.unlink(temp)
-            raise OSError(errno.EIO, "Input/output error")
-        super().commit_renditions(job_id, staged)
-
-
 def test_a_failed_rendition_write_hands_the_job_back_and_the_next_attempt_does_it(world):
     make, storage, job_id = world
-    policy = make(storage=_BrokenOnce(storage.root))
+    # an fsync of the renditions that found a writeback error
+    policy = make(storage=_CommitFailsOnce(storage.root, OSError(errno.EIO, "Input/output error")))
     outcome = policy.handle(message(job_id))
     assert (outcome.decision, outcome.counted) == (Decision.REQUEUE, "retried")
     job = storage.read_job(job_id)
