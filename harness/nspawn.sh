@@ -12,7 +12,9 @@
 #   X CMD...                         run CMD inside the container booted last
 #   install_deb ARGS...              apt-get install inside, waiting for the dpkg lock
 
-roots_cache=/var/cache/imgworker-roots
+# IMGWORKER_ROOTS_CACHE: another place for the cached roots (the test that
+# starts from an empty cache uses a directory of its own).
+roots_cache=${IMGWORKER_ROOTS_CACHE:-/var/cache/imgworker-roots}
 
 say() { printf '== %s\n' "$*"; }
 tail_to_stderr() { tail -n 25 "$1" >&2; }
@@ -27,10 +29,15 @@ root_from_cache() {   # release dir
     local tarball="$roots_cache/$1.tar"
     mkdir -p "$roots_cache" "$2"
     # A root older than a day misses security updates the mirror has moved on from.
-    if [ ! -s "$tarball" ] || [ -n "$(find "$tarball" -mtime +1)" ]; then
-        mmdebstrap --variant=minbase --include=systemd,systemd-sysv,dbus,curl,ca-certificates,procps \
+    # mmdebstrap picks its output format from the name it is given (a name
+    # not ending in .tar becomes a directory), so the format is said
+    # outright, and the temp name is removed first whatever a failed run left.
+    if [ ! -f "$tarball" ] || [ ! -s "$tarball" ] || [ -n "$(find "$tarball" -mtime +1)" ]; then
+        rm -rf "$tarball.new" "$tarball"
+        mmdebstrap --variant=minbase --format=tar \
+            --include=systemd,systemd-sysv,dbus,curl,ca-certificates,procps \
             "$1" "$tarball.new" >"$work/mmdebstrap-$1.log" 2>&1 \
-            || { tail_to_stderr "$work/mmdebstrap-$1.log"; return 1; }
+            || { tail_to_stderr "$work/mmdebstrap-$1.log"; rm -rf "$tarball.new"; return 1; }
         mv "$tarball.new" "$tarball"
     fi
     tar -C "$2" -xf "$tarball"

@@ -55,3 +55,8 @@ def test_the_stack_comes_up_whatever_order_apt_configures_the_packages_in(releas
 @pytest.mark.parametrize("release", ["bookworm", "trixie"])
 def test_a_worker_only_host_renders_jobs_from_another_hosts_api_over_a_cluster(release):
     assert _run("worker-host", release, 900).endswith(f"== PASS: worker-host ({release})")
+
+
+def test_the_container_roots_build_from_an_empty_or_stale_cache():
+    # What a new user's machine has: no /var/cache/imgworker-roots at all.
+    assert _run("roots-cache", "bookworm", 900).endswith("== PASS: roots-cache (bookworm)")
