@@ -101,12 +101,13 @@ the_stack_serves() {   # root
     [ "$code" = 202 ] || { echo "no 202 within 10 s of starting the workers: $code $(cat "$1/root/first-upload")" >&2; return 1; }
     say "202 through nginx $(/usr/bin/python3 -c "import time; print(round(time.time() - $started, 1))") s after starting the workers"
     id=$(/usr/bin/python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["id"])' "$1/root/first-upload")
+    local record="$1/var/lib/imgworker/jobs/$id.json"
     for _ in $(seq 300); do
-        grep -q '"state": "done"' "$1/var/lib/imgworker/jobs/$id.json" 2>/dev/null && break
+        [ "$(/usr/bin/python3 "$repo/harness/job_field.py" "$record")" = done ] && break
         sleep 0.1
     done
-    grep -q '"state": "done"' "$1/var/lib/imgworker/jobs/$id.json" \
-        || { echo "job $id is not done: $(cat "$1/var/lib/imgworker/jobs/$id.json")" >&2; return 1; }
+    [ "$(/usr/bin/python3 "$repo/harness/job_field.py" "$record")" = done ] \
+        || { echo "job $id is not done: $(cat "$record")" >&2; return 1; }
     X rabbitmqctl -q list_connections user vhost >"$work/connections" \
         || { echo "rabbitmqctl list_connections failed" >&2; return 1; }
     sed -i '/^user\s*vhost$/d' "$work/connections"      # the header, where -q keeps it

@@ -26,12 +26,10 @@ import time
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-from . import broker, images, ingest, metrics, multipart
+from . import broker, formats, images, ingest, metrics, multipart
 from .storage import Storage, StorageFull
 
 logger = logging.getLogger(__name__)
-
-_CONTENT_TYPES = {"jpg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 
 #: path (matched whole) -> the methods it allows and the Api method answering;
 #: the pattern's groups are that method's arguments.
@@ -42,7 +40,8 @@ _ROUTES = (
     (re.compile(r"/healthz"), ("GET", "HEAD"), "health"),
     (re.compile(r"/metrics"), ("GET", "HEAD"), "metrics"),
 )
-_RENDITION_FILE = re.compile(r"([0-9a-f]{32})/([a-z0-9][a-z0-9_-]*)\.(jpg|png|webp)")
+_RENDITION_FILE = re.compile(r"([0-9a-f]{32})/([a-z0-9][a-z0-9_-]*)\.("
+                             + "|".join(map(re.escape, formats.BY_EXTENSION)) + ")")
 
 
 @dataclass
@@ -100,9 +99,9 @@ def _read_length(stream, length):
 
     gunicorn up to at least 23 (Debian 12 ships 20.1, Debian 13 23.0) reads
     a body 1 KiB at a time, copying the rest of each received 8 KiB chunk
-    back into a buffer on every turn: about 5 ms of CPU for a 495 KB upload,
-    more than all the rest of an upload costs the API (bench/results.md,
-    "Ingest"). Its body object keeps the length-bounded reader as
+    back into a buffer on every turn: work that grows with the body, and for
+    a photo-sized upload more than all the rest costs the API (the bench's
+    "Ingest" section has the figures). Its body object keeps the length-bounded reader as
     ``.reader``; while nothing is buffered in front of it, the body is taken
     from the socket reader under that (_read_from_socket), else from the
     length-bounded reader at once. Any other server, or a gunicorn without
@@ -119,9 +118,9 @@ def _read_length(stream, length):
 def _read_from_socket(reader, length):
     """The body straight from the connection's socket into one buffer: what
     gunicorn already read past the headers, then recv_into() for the rest.
-    gunicorn 20.1 and 23 recv() it 8 KiB at a time (60 calls, each copied
-    twice, for a 495 KB upload: a tenth of the API's interpreter time,
-    py-spy). None unless gunicorn's reader is the one this knows: a
+    gunicorn 20.1 and 23 recv() it 8 KiB at a time, each chunk copied twice,
+    so a photo-sized upload is many calls and copies where one recv_into()
+    per received chunk will do. None unless gunicorn's reader is the one this knows: a
     LengthReader for exactly ``length`` over a SocketUnreader."""
     unreader = getattr(reader, "unreader", None)
     if (type(reader).__name__ != "LengthReader" or getattr(reader, "length", None) != length
@@ -277,7 +276,8 @@ class Api:
             except FileNotFoundError:
                 pass
             else:
-                return Response(HTTPStatus.OK, file, content_type=_CONTENT_TYPES[extension])
+                return Response(HTTPStatus.OK, file,
+                                content_type=formats.BY_EXTENSION[extension].media_type)
         raise HTTPError(HTTPStatus.NOT_FOUND, f"no such rendition: /renditions/{path}")
 
     # -- GET /healthz -----------------------------------------------------------

@@ -19,12 +19,14 @@ import urllib.parse
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+from . import formats
+
 #: Where the Debian package installs the file; ``IMGWORKER_CONFIG`` or
 #: ``--config`` point elsewhere (tests, a laptop).
 DEFAULT_PATH = "/etc/imgworker/config.ini"
 
 #: Formats the API can identify from their magic bytes (see images.sniff).
-KNOWN_FORMATS = ("jpeg", "png", "webp", "gif")
+KNOWN_FORMATS = formats.UPLOAD_FORMATS
 
 
 class ConfigError(Exception):
@@ -154,9 +156,9 @@ SCHEMA = {
         "prefetch": Option("2", _positive_int,
                            "Unacknowledged jobs a worker holds at once. With 2, the next "
                            "job is rendered while the last one's files are written and its "
-                           "event and ack go out (one worker's renderer was busy 91% of a "
-                           "drain with 1, 96-97% with 2, in alternated runs); 1 spreads a "
-                           "short queue more evenly over many workers."),
+                           "event and ack go out, so the renderer does not wait for the disk "
+                           "and the broker between jobs; 1 spreads a short queue more evenly "
+                           "over many workers."),
         "heartbeat": Option("60", _positive_int,
                             "AMQP heartbeat in seconds; a dead peer is noticed after about twice this."),
         "timeout": Option("3", _seconds,
@@ -166,15 +168,23 @@ SCHEMA = {
     "storage": {
         "root": Option("/var/lib/imgworker", _absolute_path,
                        "Originals, renditions and job state live below this directory."),
+        "metrics_dir": Option("/run/imgworker/metrics", _absolute_path,
+                              "Where every imgworker process on this host (API, workers, "
+                              "webhook sender) keeps its Prometheus counters, for GET /metrics "
+                              "to add up. One file per process slot, reused by the next "
+                              "process, so the directory does not grow with restarts and "
+                              "counters never go down. Local to the host, never the shared "
+                              "storage; created if missing (the units' RuntimeDirectory= "
+                              "makes the default)."),
     },
     "api": {
         "listen": Option("127.0.0.1:8000", _listen,
                          "Address the API listens on; nginx proxies to it."),
         "workers": Option("4", _positive_int,
                           "Gunicorn worker processes of the API. Each has a Python "
-                          "interpreter lock of its own: on 2 cores, 4 processes of 8 "
-                          "threads took 10-25% more uploads/s than 2 of 16 (the bench's "
-                          "ingest runs, alternated)."),
+                          "interpreter lock of its own, so processes, not threads, put "
+                          "more than one core to work on uploads (bench/results in the "
+                          "source tree compares the choices)."),
         "threads": Option("8", _positive_int,
                           "Uploads each API process handles at once. The uploads stored "
                           "at once share one sync of the storage, and their messages "
@@ -186,7 +196,7 @@ SCHEMA = {
                              "Largest accepted width x height of an upload (422 above)."),
         "max_dimension": Option("20000", _positive_int,
                                 "Largest accepted width or height in pixels (422 above)."),
-        "formats": Option("jpeg, png, webp, gif", _formats,
+        "formats": Option(", ".join(KNOWN_FORMATS), _formats,
                           "Accepted image formats, identified from the bytes (415 otherwise)."),
         "requeue_after": Option("120", _seconds,
                                 "Seconds after which 'imgworker sweep' queues an upload whose "
@@ -202,13 +212,19 @@ SCHEMA = {
                               "Seconds to wait before handing a transiently failed job back."),
         "job_timeout": Option("120", _seconds,
                               "Seconds one job may take to render; past that it fails for good, "
-                              "so one input cannot hold a worker."),
+                              "so one input cannot hold a worker. A stopping worker finishes "
+                              "the jobs in hand, so the TimeoutStopSec of imgworker@.service "
+                              "must be longer ('imgworker check-config' warns, and prints "
+                              "the drop-in that fixes it)."),
         "max_render_memory": Option("768", _positive_int,
                                     "Mebibytes one render may use. An image whose decoding "
                                     "needs more by its header (a huge WebP) is refused, with "
                                     "422 at upload; the renderer process is held to this "
                                     "(RLIMIT_DATA), so an image that needs more anyway fails "
-                                    "its job with that reason instead of meeting the OOM killer."),
+                                    "its job with that reason instead of meeting the OOM killer. "
+                                    "imgworker@.service's MemoryMax must be larger by what the "
+                                    "worker needs besides the render ('imgworker check-config' "
+                                    "warns, and prints the drop-in that fixes it)."),
         "stall_timeout": Option("300", _seconds,
                                 "Seconds a job may go without progress before the worker stops "
                                 "feeding the systemd watchdog, which then restarts it."),
@@ -231,7 +247,11 @@ SCHEMA = {
         "retry_delay": Option("5", _seconds,
                               "Seconds before the first retry; each next one waits twice as "
                               "long, up to 10 minutes."),
-        "timeout": Option("10", _seconds, "Seconds one POST may take."),
+        "timeout": Option("10", _seconds,
+                          "Seconds one POST may wait to connect, and again for the answer. "
+                          "A stopping sender lets its POST end, so imgworker-webhook."
+                          "service's TimeoutStopSec must cover twice this "
+                          "('imgworker check-config' warns)."),
     },
 }
 
@@ -243,7 +263,7 @@ DEFAULT_RENDITIONS = {
 }
 
 RENDITION_MODES = ("fit", "fill")
-RENDITION_FORMATS = ("jpeg", "png", "webp")
+RENDITION_FORMATS = formats.OUTPUT_FORMATS
 _RENDITION_NAME = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 _RENDITION_VALUE = re.compile(r"(\d+)x(\d+)\s+(\w+)\s+(\w+)\s+(\d+)")
 
@@ -255,12 +275,12 @@ class Rendition:
     width: int
     height: int
     mode: str      # fit: inside the box; fill: cover the box, centre crop
-    format: str    # jpeg | png | webp
-    quality: int   # 1..100; for png, ignored (lossless)
+    format: str    # one of RENDITION_FORMATS
+    quality: int   # 1..100; ignored by a lossless format
 
     @property
     def extension(self):
-        return {"jpeg": "jpg"}.get(self.format, self.format)
+        return formats.output_format(self.format).extension
 
 
 def parse_rendition(name, raw):
@@ -404,7 +424,9 @@ def template():
         "",
         "# One line per rendition a job makes: NAME = WIDTHxHEIGHT MODE FORMAT QUALITY",
         "#   MODE: fit (inside the box, never enlarged) | fill (cover the box, centre crop)",
-        "#   FORMAT: jpeg | png | webp      QUALITY: 1-100 (ignored for png)",
+        f"#   FORMAT: {' | '.join(RENDITION_FORMATS)}      QUALITY: 1-100 (ignored for "
+        + ", ".join(spec.name for spec in formats.FORMATS if spec.output and not spec.lossy)
+        + ")",
         "# Uncommenting any line here replaces the whole default set below.",
         "[renditions]",
     ]

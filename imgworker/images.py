@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageCms, PngImagePlugin, UnidentifiedImageError
 
+from . import formats
+
 #: Magic bytes -> format name; the only way a format is identified (never
 #: the file name or the Content-Type a client sent).
 _MAGIC = (
@@ -35,7 +37,6 @@ _MAGIC = (
     (0, b"GIF89a", "gif"),
     (8, b"WEBP", "webp"),     # after b"RIFF" and a 4-byte length
 )
-_PIL_FORMAT = {"jpeg": "JPEG", "png": "PNG", "gif": "GIF", "webp": "WEBP"}
 
 #: EXIF Orientation tag value -> the transpose that shows the image upright.
 _UPRIGHT = {
@@ -85,6 +86,18 @@ class BadImage(Exception):
     """An accepted format whose header is unreadable or whose size is over
     the limits (HTTP 422), or which cannot be decoded (a failed job). The
     message is written for a person."""
+
+
+class UnknownRendition(Exception):
+    """A rendition in a format or mode this code cannot make. The config's
+    checks refuse it first; reaching here means they were bypassed, and
+    making something else (a PNG, a fill) would hide that. Not a BadImage:
+    the image is not at fault."""
+
+
+#: How a rendition meets its box (config.RENDITION_MODES names the same;
+#: tests/test_images.py ties them).
+MODES = ("fit", "fill")
 
 
 #: Bytes per pixel that decoding a WebP takes at its peak: libwebp's
@@ -281,7 +294,7 @@ def _open(source, limits):
                     _check_structure(fmt, mapped)
         file = source
     try:
-        image = Image.open(file, formats=[_PIL_FORMAT[fmt]])
+        image = Image.open(file, formats=[formats.BY_NAME[fmt].pillow])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise BadImage(f"the image has more than {limits.max_pixels} pixels") from None
     except UnidentifiedImageError:
@@ -341,12 +354,34 @@ def _plan(rendition, width, height):
     box_w, box_h = rendition.width, rendition.height
     if rendition.mode == "fit":
         scale = min(box_w / width, box_h / height, 1.0)
-    else:
+    elif rendition.mode == "fill":
         scale = min(max(box_w / width, box_h / height), 1.0)
+    else:
+        raise _unknown_mode(rendition)
     scaled = (max(1, round(width * scale)), max(1, round(height * scale)))
     if rendition.mode == "fit":
         return _Plan(rendition, scaled, scaled)
     return _Plan(rendition, scaled, (min(box_w, scaled[0]), min(box_h, scaled[1])))
+
+
+def _unknown_mode(rendition):
+    return UnknownRendition(f"rendition {rendition.name}: mode {rendition.mode!r} is not "
+                            "one of " + ", ".join(MODES))
+
+
+def _output_format(rendition):
+    try:
+        return formats.output_format(rendition.format)
+    except formats.UnknownFormat as error:
+        raise UnknownRendition(f"rendition {rendition.name}: {error}") from None
+
+
+def _check_renditions(renditions):
+    """Refuse, before any work, a rendition that could only be made wrong."""
+    for rendition in renditions:
+        if rendition.mode not in MODES:
+            raise _unknown_mode(rendition)
+        _output_format(rendition)
 
 
 def _normalise_mode(image):
@@ -409,18 +444,14 @@ class _ToSrgb:
 
 
 def _encode(image, rendition):
-    if rendition.format == "jpeg":
+    spec = _output_format(rendition)
+    if not spec.alpha:
         image = _flatten(image)
     # Resized images inherit .info (EXIF, XMP, ICC, comments) from their
     # source; some encoders write what is there. Outputs carry no metadata.
     image.info = {}
     buffer = io.BytesIO()
-    if rendition.format == "jpeg":
-        image.save(buffer, "JPEG", quality=rendition.quality)
-    elif rendition.format == "webp":
-        image.save(buffer, "WEBP", quality=rendition.quality, method=4)
-    else:
-        image.save(buffer, "PNG")
+    image.save(buffer, spec.pillow, **spec.save_options(rendition.quality))
     return buffer.getvalue()
 
 
@@ -449,9 +480,12 @@ def render(source, renditions, limits, progress=lambda: None):
 
     Returns a list of Output, largest first. Raises UnsupportedFormat or
     BadImage (with a reason for a person) for anything that is not a
-    decodable image within the limits. ``progress`` is called after each
-    step, so a caller can tell a slow job from a hung one.
+    decodable image within the limits, and UnknownRendition for a rendition
+    in a format or mode that is not in formats.FORMATS or MODES.
+    ``progress`` is called after each step, so a caller can tell a slow job
+    from a hung one.
     """
+    _check_renditions(renditions)
     fmt, image = _open(source, limits)
     try:
         return _render(fmt, image, renditions, progress)

@@ -97,12 +97,36 @@ def test_check_config_exits_78_and_says_what_is_wrong(tmp_path):
     assert f"{path}: [worker] max_attempts = '-1'" in result.stderr
 
 
+@pytest.mark.parametrize("value, expected", [
+    ("1600x1600 fit bmp 85", "FORMAT must be one of jpeg, png, webp"),
+    ("1600x1600 fit gif 85", "FORMAT must be one of jpeg, png, webp"),
+    ("1600x1600 stretch jpeg 85", "MODE must be one of fit, fill"),
+])
+def test_check_config_refuses_a_rendition_format_or_mode_imgworker_cannot_make(tmp_path, value,
+                                                                                expected):
+    path = write(tmp_path, f"[renditions]\nbig = {value}\n")
+    result = run_cli("check-config", env={"IMGWORKER_CONFIG": path})
+    assert result.returncode == 78
+    assert f"{path}: [renditions] big = {value!r}: {expected}" in result.stderr
+
+
 def test_check_config_accepts_a_good_file_given_with_the_flag(tmp_path):
     path = write(tmp_path, "[broker]\nurl = amqp://guest:guest@127.0.0.1:5672/%2F\n"
                            "[api]\nlisten = 127.0.0.1:9000\n")
     result = run_cli("--config", path, "check-config")
     assert result.returncode == 0, result.stderr
     assert result.stdout.startswith(f"{path}: OK")
+    assert "; metrics: /run/imgworker/metrics;" in result.stdout
+
+
+def test_check_config_names_the_metrics_directory_and_what_moving_it_takes(tmp_path):
+    path = write(tmp_path, "[broker]\nurl = amqp://guest:guest@127.0.0.1:5672/%2F\n"
+                           f"[storage]\nmetrics_dir = {tmp_path}/metrics\n")
+    result = run_cli("check-config", env={"IMGWORKER_CONFIG": path})
+    assert result.returncode == 0, result.stderr
+    assert f"; metrics: {tmp_path}/metrics;" in result.stdout
+    assert f"[storage] metrics_dir is {tmp_path}/metrics" in result.stderr
+    assert "ReadWritePaths=" in result.stderr
 
 
 @pytest.mark.parametrize("command", ["check-config", "api", "worker", "sweep"])

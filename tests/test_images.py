@@ -123,6 +123,31 @@ def test_no_output_format_carries_exif(fmt):
     assert_no_metadata(output.data)
 
 
+def test_a_rendition_in_an_unknown_format_is_refused_not_written_as_another_format():
+    # Given a rendition the config's checks would refuse (a caller built it directly)
+    bmp = config.Rendition("out", 100, 100, "fit", "bmp", 80)
+    # When it is rendered, Then nothing is written in some other format
+    with pytest.raises(images.UnknownRendition,
+                       match=r"rendition out: 'bmp' is not a rendition format \(known: jpeg, png, webp\)"):
+        images.render(samples.jpeg(300, 200), [bmp], LIMITS)
+
+
+def test_a_rendition_in_an_unknown_mode_is_refused_not_made_as_a_fill():
+    stretch = config.Rendition("out", 100, 100, "stretch", "jpeg", 80)
+    with pytest.raises(images.UnknownRendition,
+                       match="rendition out: mode 'stretch' is not one of fit, fill"):
+        images.render(samples.jpeg(300, 200), [rendition("50x50 fit jpeg 80", "ok"), stretch],
+                      LIMITS)
+
+
+def test_the_modes_the_config_accepts_are_the_modes_images_makes():
+    assert images.MODES == config.RENDITION_MODES
+    for mode in config.RENDITION_MODES:
+        (output,) = images.render(samples.jpeg(300, 200), [rendition(f"100x100 {mode} png 1")],
+                                  LIMITS)
+        assert (output.width, output.height) == {"fit": (100, 67), "fill": (100, 100)}[mode]
+
+
 def test_a_cmyk_jpeg_becomes_an_rgb_rendition_with_its_colours():
     cmyk = Image.new("CMYK", (400, 300), (0, 255, 255, 0))  # pure red in CMYK
     (output,) = images.render(samples.encode(cmyk, "JPEG", quality=95),

@@ -1,9 +1,16 @@
+import argparse
+import enum
+import importlib
 import json
+import os
+import re
 
 import pytest
 
-from imgworker import job as jobs
+from imgworker import cli, job as jobs, status
 from imgworker.job import Job, State
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_a_record_round_trips_through_its_file_and_leaves_unset_fields_out(tmp_path):
@@ -48,3 +55,76 @@ def test_only_a_failed_job_is_replayed_and_its_attempts_start_over():
         (State.QUEUED, 0, None, "the image cannot be processed: truncated")
     record.start("2")
     assert record.attempts == 1
+
+
+# -- a new state reaches every reader of the states -----------------------------
+
+class _Grown(str, enum.Enum):
+    """job.State with one more finished state, as a later version might add."""
+    QUEUED = "queued"
+    PROCESSING = "processing"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self):
+        return self in (_Grown.DONE, _Grown.FAILED, _Grown.CANCELLED)
+
+
+@pytest.fixture
+def grown_states(monkeypatch):
+    """job.State grown by a state, and the modules that read it loaded again."""
+    monkeypatch.setattr(jobs, "State", _Grown)
+    yield [importlib.reload(module) for module in (status, cli)]
+    monkeypatch.undo()
+    for module in (status, cli):
+        importlib.reload(module)
+
+
+def test_imgworker_status_counts_and_shows_every_state_the_job_module_has(grown_states, tmp_path):
+    grown_status, _ = grown_states
+    (tmp_path / "jobs").mkdir()
+    for number, state in enumerate(_Grown):
+        record = Job(f"{number:032x}", state, {"format": "jpeg", "width": 1, "height": 1,
+                                                "bytes": 1}, updated_at=0)
+        (tmp_path / "jobs" / f"{record.id}.json").write_bytes(record.to_json())
+
+    counts = grown_status.recent_jobs(str(tmp_path), 5)
+
+    assert counts == {state.value: 1 for state in _Grown}
+    shown = grown_status.render({"queues": {}, "broker_error": None, "workers": [],
+                                 "minutes": 5, "jobs": counts})
+    assert shown[-1] == ("jobs changed in the last 5 minutes: "
+                         "1 cancelled, 1 done, 1 failed, 1 processing, 1 queued")
+
+
+def test_submit_wait_stops_at_every_state_the_job_module_calls_finished(grown_states, tmp_path,
+                                                                         capsys, monkeypatch):
+    _, grown_cli = grown_states
+    photo = tmp_path / "photo.jpg"
+    photo.write_bytes(b"\xff\xd8\xff")
+    answers = iter([(202, {"id": "0" * 32, "status_url": "/jobs/" + "0" * 32}),
+                    (200, {"id": "0" * 32, "state": "processing"}),
+                    (200, {"id": "0" * 32, "state": "cancelled"})])
+    monkeypatch.setattr(grown_cli, "_request", lambda *args, **kwargs: next(answers))
+    args = argparse.Namespace(url="http://127.0.0.1:1", file=str(photo), wait=True, timeout=30)
+
+    assert grown_cli.cmd_submit(args) == 1
+
+    printed = capsys.readouterr()
+    assert json.loads(printed.out.split("\n", 1)[1]) == {"id": "0" * 32, "state": "cancelled"}
+    assert printed.err == ""
+
+
+def test_no_script_reads_a_job_by_grepping_its_json_text():
+    scripts = [os.path.join(folder, name) for folder in ("harness", "script", "tests/system")
+               for name in sorted(os.listdir(os.path.join(REPO, folder)))
+               if not name.endswith((".py", ".pyc")) and name != "__pycache__"]
+    for script in scripts:
+        with open(os.path.join(REPO, script), encoding="utf-8", errors="replace") as handle:
+            text = handle.read()
+        # a job's key, or a state as a JSON string: grep '"state": "done"', *'"done"'*
+        assert not re.search(r"""\\?"(state|attempts)\\?":|'"(%s)"'"""
+                             % "|".join(state.value for state in State), text), \
+            f"{script} greps a job's JSON text; parse it (harness/job_field.py)"

@@ -3,6 +3,7 @@ API, every answer validated against the document (its status listed for the
 operation, its content type, its headers, its JSON body against the schema)."""
 
 import os
+import re
 import subprocess
 import time
 
@@ -127,6 +128,21 @@ def rabbitmqctl(*args):
 
 def pipeline_get(pipeline, path):
     return requests.get(pipeline.base_url + path, timeout=10)
+
+
+def test_the_documented_formats_and_media_types_are_the_tables():
+    from imgworker import formats, job
+    outputs = [spec for spec in formats.FORMATS if spec.output]
+    served = SPEC["paths"]["/renditions/{id}/{file}"]["get"]["responses"]["200"]["content"]
+    assert set(served) == {spec.media_type for spec in outputs}
+    schemas = SPEC["components"]["schemas"]
+    rendition = schemas["Rendition"]["properties"]
+    assert rendition["format"]["enum"] == [spec.name for spec in outputs]
+    (extensions,) = re.findall(r"\\\.\(([^)]*)\)\$$", rendition["url"]["pattern"])
+    assert extensions.split("|") == [spec.extension for spec in outputs]
+    job_schema = schemas["Job"]["properties"]
+    assert job_schema["original"]["properties"]["format"]["enum"] == list(formats.UPLOAD_FORMATS)
+    assert job_schema["state"]["enum"] == [state.value for state in job.State]
 
 
 def test_the_api_routes_are_the_documented_paths_and_methods():
