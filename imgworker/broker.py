@@ -1,6 +1,7 @@
 """RabbitMQ: connection parameters, the queue topology, the confirmed publisher.
 
-pika's exceptions stop here: callers see BrokerUnavailable, with a reason.
+pika's exceptions stop here: callers see BrokerUnavailable, with a reason
+(and Refused, the broker's answer to one call on a channel: see there).
 The worker's consuming loop (worker.py) uses pika directly for its
 connection but takes its parameters and topology from this module, so the
 API and the workers always declare the same queues with the same arguments
@@ -18,6 +19,7 @@ import pika
 import pika.exceptions
 
 from . import config as configuration
+from .storage import is_job_id
 
 logger = logging.getLogger(__name__)
 
@@ -66,14 +68,60 @@ def parameters(config, name):
 
 
 def connect(config, name):
-    """A BlockingConnection for a command (status, dlq, migrate-queues);
-    BrokerUnavailable, with a reason, if no node answers."""
+    """A BlockingConnection for a command (status and /metrics, dlq,
+    migrate-queues); BrokerUnavailable, with a reason, if no node answers.
+    Its calls, and those of the channels it opens, raise BrokerUnavailable
+    too when the connection is lost or the broker fails on the way: only a
+    Refused passes (see there)."""
+    with _translated():
+        return _Translated(pika.BlockingConnection(parameters(config, name)))
+
+
+#: The broker refused one call on a channel, and closed that channel (a
+#: passive declare of a queue that does not exist, a redeclaration with
+#: other arguments): its answer to the call, the connection is fine, so a
+#: connection from ``connect`` lets it through. Catch it by this name.
+Refused = pika.exceptions.ChannelClosedByBroker
+
+
+@contextlib.contextmanager
+def _translated():
+    """pika's errors, and the socket's, as BrokerUnavailable (but Refused)."""
     try:
-        return pika.BlockingConnection(parameters(config, name))
+        yield
+    except Refused:
+        raise
     except pika.exceptions.AMQPError as error:
         raise BrokerUnavailable(describe(error)) from None
     except OSError as error:
         raise BrokerUnavailable(f"cannot reach the broker ({error})") from None
+
+
+class _Translated:
+    """A pika BlockingConnection, or one of its channels, whose calls raise
+    BrokerUnavailable instead of pika's errors. What they return is pika's
+    (a channel from ``channel()`` is wrapped as well)."""
+
+    def __init__(self, wrapped):
+        self._wrapped = wrapped
+
+    def __getattr__(self, name):
+        attribute = getattr(self._wrapped, name)
+        if not callable(attribute):
+            return attribute
+
+        def call(*args, **kwargs):
+            with _translated():
+                result = attribute(*args, **kwargs)
+            return _Translated(result) if name == "channel" else result
+        return call
+
+    def close(self):
+        """Close, unless it is closed already: pika raises then, and in a
+        ``finally`` that would hide why the connection was lost."""
+        if self._wrapped.is_open:
+            with _translated():
+                self._wrapped.close()
 
 
 #: A quorum queue dead-letters a message returned this many times even if
@@ -83,11 +131,12 @@ def connect(config, name):
 QUORUM_DELIVERY_LIMIT = 20
 
 
-def queue_arguments(config, queue_type=None):
-    """(job queue, dead-letter queue) declare arguments for a queue type
-    (default: config's [broker] queue_type)."""
-    dead_lettering = {"x-dead-letter-exchange": "",
-                      "x-dead-letter-routing-key": config.broker.dead_letter_queue}
+def queue_arguments(config, queue_type=None, dead_letter_queue=None):
+    """(queue, dead-letter queue) declare arguments for a queue type
+    (default: config's [broker] queue_type): the job queues', and the
+    webhook sender's with its own ``dead_letter_queue``."""
+    dead_lettering = {"x-dead-letter-exchange": "", "x-dead-letter-routing-key":
+                      dead_letter_queue or config.broker.dead_letter_queue}
     if (queue_type or config.broker.queue_type) == "classic":
         return dead_lettering, {}
     quorum = {"x-queue-type": "quorum"}
@@ -123,6 +172,18 @@ def job_event(job):
 
 def job_message(job_id, fmt):
     return json.dumps({"id": job_id, "format": fmt}).encode()
+
+
+def job_id_of(body):
+    """The id of the job a message names (one job_message made), or None if
+    the body is anything else. It never raises, whatever the bytes: any
+    producer may put anything on the queue."""
+    try:
+        message = json.loads(body)
+    except (ValueError, RecursionError):    # not JSON, not UTF-8; nested too deep
+        return None
+    job_id = message.get("id") if isinstance(message, dict) else None
+    return job_id if is_job_id(job_id) else None
 
 
 class Publisher:
@@ -451,6 +512,8 @@ def describe(error):
         return "the broker refused the credentials in [broker] url"
     if isinstance(error, pika.exceptions.ProbableAccessDeniedError):
         return "the broker denied access to the vhost in [broker] url"
+    if isinstance(error, pika.exceptions.StreamLostError):
+        return f"lost the connection to the broker ({text})"
     if isinstance(error, pika.exceptions.AMQPConnectionError):
         return f"cannot connect to the broker ({type(error).__name__}: {text})"
     return f"broker error ({type(error).__name__}: {text})"

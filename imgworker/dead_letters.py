@@ -18,16 +18,12 @@ closes.
 """
 
 import datetime
-import json
 import logging
 from dataclasses import dataclass
 
-import pika
-import pika.exceptions
-
 from . import broker
 from .job import State
-from .storage import Storage, is_job_id
+from .storage import Storage
 
 logger = logging.getLogger(__name__)
 
@@ -59,18 +55,21 @@ class DeadLetterQueue:
         self._connection = broker.connect(self.config, "dlq")
         try:
             self._channel = self._connection.channel()
-            broker.declare_topology(self._channel, self.config)
-        except pika.exceptions.AMQPError as error:
+            try:
+                broker.declare_topology(self._channel, self.config)
+            except broker.Refused as error:     # declared with other arguments
+                raise broker.BrokerUnavailable(broker.describe(error)) from None
+        except broker.BrokerUnavailable:
             self._connection.close()
-            raise broker.BrokerUnavailable(broker.describe(error)) from None
+            raise
         return self
 
     def __exit__(self, *_exc):
-        if self._connection is not None and self._connection.is_open:
+        if self._connection is not None:
             try:
                 self._connection.close()
-            except pika.exceptions.AMQPError:
-                pass
+            except broker.BrokerUnavailable:
+                pass        # lost: the broker returns what we held all the same
 
     def take_all(self):
         """Every dead letter, oldest first, held until the connection closes."""
@@ -82,18 +81,14 @@ class DeadLetterQueue:
             letters.append(self._describe(method.delivery_tag, properties, body))
 
     def _describe(self, tag, properties, body):
-        try:
-            message = json.loads(body)
-        except ValueError:
-            message = None
-        job_id = message.get("id") if isinstance(message, dict) else None
+        job_id = broker.job_id_of(body)
         death = ((properties.headers or {}).get("x-death") or [{}])[0]
         since = death.get("time")
         if since is not None and since.tzinfo is None:
             # pika before 1.3 decodes AMQP timestamps as naive UTC, later as aware
             since = since.replace(tzinfo=datetime.timezone.utc)
         reason = f"dead-lettered by RabbitMQ ({death.get('reason', 'unknown reason')})"
-        if not is_job_id(job_id):
+        if job_id is None:
             return DeadLetter(None, f"not an imgworker job: {body[:60]!r}", None, since, tag)
         job = self.storage.read_job(job_id)
         if job is not None and job.error:

@@ -7,11 +7,12 @@ import shutil
 import subprocess
 import time
 
-import pika
-import pika.exceptions
-
 from . import broker
 from .job import State, read
+
+#: Every job state, derived so a new one is counted and shown without an
+#: edit here: the outcomes first, then what is still under way.
+_STATES = sorted(State, key=lambda state: (not state.finished, state.value))
 
 
 def queues(config):
@@ -25,7 +26,7 @@ def queues(config):
                 state = channel.queue_declare(queue, passive=True).method
                 found[queue] = {"messages": state.message_count,
                                 "consumers": state.consumer_count}
-            except pika.exceptions.ChannelClosedByBroker:
+            except broker.Refused:
                 found[queue] = None          # not declared yet: no API or worker ever ran
     finally:
         connection.close()
@@ -54,7 +55,7 @@ def workers():
 def recent_jobs(root, minutes):
     """{state: count} of the jobs whose record changed in the last
     ``minutes`` (only the recent records are read)."""
-    counts = {"done": 0, "failed": 0, "processing": 0, "queued": 0}
+    counts = {state.value: 0 for state in _STATES}
     since = time.time() - 60 * minutes
     try:
         entries = os.scandir(os.path.join(root, "jobs"))
@@ -102,6 +103,5 @@ def render(status):
                   for w in status["workers"]]
     jobs = status["jobs"]
     lines.append(f"jobs changed in the last {status['minutes']:g} minutes: "
-                 + ", ".join(f"{jobs[state.value]} {state.value}" for state in
-                             (State.DONE, State.FAILED, State.PROCESSING, State.QUEUED)))
+                 + ", ".join(f"{jobs[state.value]} {state.value}" for state in _STATES))
     return lines
