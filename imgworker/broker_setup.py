@@ -50,7 +50,8 @@ MARKER = "# Written by 'imgworker setup-broker'"
 #: built-in default stays classic, which is what older installs declared.
 NEW_INSTALL_QUEUE_TYPE = "quorum"
 
-#: What one rabbitmqctl call may take; each starts an Erlang VM (~1 s).
+#: What one rabbitmqctl call may take; each starts an Erlang VM, which is
+#: slow on a host still booting or configuring packages.
 _RABBITMQCTL_TIMEOUT = 90
 
 

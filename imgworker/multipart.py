@@ -2,10 +2,11 @@
 
 The upload route needs one thing from a form: the bytes of the field named
 ``file``. The standard library's ``email`` parser, used before, is made for
-trusted mail, not hostile HTTP bodies: a part header with 40,000 ';' cost
-it ~12 s of CPU (it appends a defect per parameter), an unbalanced quote is
-quadratic too, and 1,000 nested multiparts raised RecursionError (a 500). It
-also built every part in memory, several copies of a 25 MB upload.
+trusted mail, not hostile HTTP bodies: a part header with many ';' costs it
+CPU quadratic in their number (it appends a defect per parameter), an
+unbalanced quote is quadratic too, and deeply nested multiparts raised
+RecursionError (a 500). It also built every part in memory, several copies
+of the largest upload.
 (Debian's python3-multipart is a streaming parser, but its API differs
 between the releases imgworker supports, and the body is already in memory.)
 

@@ -65,8 +65,8 @@ def write_atomically(path, data, mode=None):
 
 def write_all_atomically(directory, files, mode=None):
     """write_atomically for several files ({name: bytes}) of one directory,
-    with one fsync of the directory for all the renames (a job's three
-    renditions: 5.0 ms of writing became 4.1 ms per 2 MP job)."""
+    with one fsync of the directory for all the renames (a job's renditions
+    pay for one directory sync, not one each)."""
     commit(directory, stage(directory, files, mode))
 
 
@@ -296,9 +296,9 @@ class Storage:
         record under its name. One group sync makes them all durable, shared
         with every upload stored meanwhile (GroupSync); the mark costs no
         inode to create or to free. Per upload this was two file and two
-        directory fsyncs and a file created and deleted: ~930 uploads/s on
-        the bench machine's disk at best, against ~2,200 (a loop doing only
-        these file steps, 32 threads)."""
+        directory fsyncs and a file created and deleted, each a wait on the
+        disk that concurrent uploads could not share; the bench's ingest
+        results compare the two."""
         record = self._job_path(job.id)
         temp = os.path.join(os.path.dirname(record), ".tmp-" + job.id)
         try:

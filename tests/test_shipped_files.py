@@ -4,7 +4,7 @@ they cannot read config.ini, so this test fails when they part ways."""
 import os
 import re
 
-from imgworker import config
+from imgworker import config, formats, units
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULTS = config.from_dict({})
@@ -27,9 +27,40 @@ def test_nginx_asks_for_the_same_retry_after_as_the_api():
     assert int(seconds) == DEFAULTS.api.retry_after
 
 
+def test_nginx_serves_each_rendition_format_with_the_tables_media_type_and_nothing_else():
+    (block,) = re.findall(r"location /renditions/ \{.*?\btypes \{([^}]*)\}",
+                          shipped("nginx", "imgworker.conf"), re.DOTALL)
+    served = {}
+    for media_type, *extensions in (line.rstrip(";").split() for line in
+                                    block.strip().splitlines() if line.strip()):
+        served.update((extension, media_type) for extension in extensions)
+    assert served == {spec.extension: spec.media_type for spec in formats.FORMATS if spec.output}
+
+
 def test_nginx_and_the_units_name_the_default_storage_root_and_listen_address():
     site = shipped("nginx", "imgworker.conf")
     assert f"alias {DEFAULTS.storage.root}/renditions/;" in site
     assert f"server {DEFAULTS.api.listen} " in site
     for unit in ("imgworker@.service", "imgworker-api.service", "imgworker-sweep.service"):
         assert f"ReadWritePaths={DEFAULTS.storage.root}\n" in shipped("systemd", unit), unit
+
+
+def test_the_units_give_every_option_at_its_default_what_it_needs():
+    # The pairs: a unit directive and the options it must outlast or outgrow
+    assert {(pair.unit, pair.directive): pair.options for pair in units.PAIRS} == {
+        ("imgworker@.service", "TimeoutStopSec"): (("worker", "job_timeout"),),
+        ("imgworker@.service", "MemoryMax"): (("worker", "max_render_memory"),),
+        ("imgworker-webhook.service", "TimeoutStopSec"): (("webhook", "timeout"),),
+        ("imgworker-api.service", "TimeoutStopSec"): (),
+    }
+    for pair in units.PAIRS:
+        text = shipped("systemd", pair.unit)
+        (raw,) = re.findall(rf"^{pair.directive}=(.*)$", text, re.MULTILINE)
+        parse = units.parse_seconds if pair.directive == "TimeoutStopSec" else units.parse_bytes
+        assert parse(raw) >= pair.least(DEFAULTS), (pair.unit, pair.directive, pair.rule)
+
+
+def test_the_api_units_stop_timeout_counts_on_the_graceful_timeout_gunicorn_is_given():
+    from imgworker.notify import Notifier
+    from imgworker.server import ApiServer
+    assert ApiServer(DEFAULTS, Notifier()).cfg.graceful_timeout == units.API_GRACEFUL_TIMEOUT
