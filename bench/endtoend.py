@@ -1,5 +1,5 @@
 """End to end, through the real pipeline (API, RabbitMQ, workers as the unit
-runs them, with its MALLOC_* environment):
+runs them, setting their own malloc thresholds):
 
 - drain: K jobs queued with no worker running, then N workers start; the
   rate is K over the time from the first job's start to the last one's
@@ -26,12 +26,9 @@ from harness.pipeline import Pipeline
 
 from . import engine, stats
 
-WORKER_ENV = engine.MALLOC_TUNING
-
-
 def engine_rate(workdir, photo, repetitions):
     """Jobs per second of images.render with the default renditions, in a
-    process of its own with the unit's MALLOC_* environment, like a worker's
+    process of its own with imgworker's malloc thresholds, like a worker's
     renderer (one core), and the Sample of ms per job.
 
     The rate is the repetitions over their total time (1000 / the mean), as
@@ -85,7 +82,7 @@ def drain(workdir, amqp_url, photo, jobs, workers, broker=None, busy=None, along
                for _ in range(jobs)]
         # All start at once (each waiting for its READY in turn would give
         # the first a head start alone)
-        started = [pipeline.start_worker(instance, env=WORKER_ENV, ready=False)
+        started = [pipeline.start_worker(instance, ready=False)
                    for instance in range(1, workers + 1)]
         for worker in started:
             worker.wait_notification("READY=1")
@@ -120,21 +117,14 @@ def latency(workdir, amqp_url, photo, uploads):
     pipeline, run_dir = _fresh_pipeline(workdir, amqp_url)
     try:
         pipeline.start_api()
-        pipeline.start_worker(1, env=WORKER_ENV)
+        pipeline.start_worker(1)
         nginx = pipeline.start_nginx()
         times = []
         for i in range(uploads + 2):                   # two warm-up uploads
             started = time.perf_counter()
             job_id = requests.post(nginx.base_url + "/upload", data=photo, timeout=30,
                                    headers={"Content-Type": "image/jpeg"}).json()["id"]
-            path = record_path(pipeline.root, job_id)
-            while True:
-                try:
-                    with open(path) as handle:
-                        if '"state": "done"' in handle.read():
-                            break
-                except FileNotFoundError:
-                    pass
+            while getattr(pipeline.read_job(job_id), "state", None) is not State.DONE:
                 time.sleep(0.001)
             if i >= 2:
                 times.append(1000 * (time.perf_counter() - started))

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 
 from PIL import Image, ImageChops
 
-from harness.pipeline import REPO, unit_environment
 from imgworker import images
+from imgworker.allocator import environment as malloc_environment
 from imgworker.config import Rendition
 
 from . import stats
@@ -226,10 +226,10 @@ sample = stats.repeat(lambda: images.render(data, renditions, engine.LIMITS), in
 print(' '.join(map(str, sample.values)))
 """
 
-#: What imgworker@.service sets (Environment=): keep glibc from returning
-#: image-sized buffers to the kernel after every job and faulting them back.
-MALLOC_TUNING = {name: value for name, value in unit_environment(
-    os.path.join(REPO, "systemd", "imgworker@.service")).items() if name.startswith("MALLOC_")}
+#: The thresholds a renderer sets itself (imgworker/allocator.py), as the
+#: environment glibc reads: keep it from returning image-sized buffers to
+#: the kernel after every job and faulting them back.
+MALLOC_TUNING = malloc_environment("render")
 
 
 def in_fresh_process(data_path, repetitions, renditions="standard", malloc=MALLOC_TUNING):
@@ -246,9 +246,9 @@ def in_fresh_process(data_path, repetitions, renditions="standard", malloc=MALLO
 
 def allocator(data_path, repetitions, log=print):
     """imgworker's engine in a fresh process with glibc's default malloc
-    settings, then with the unit's: {label: Sample of per-process medians}."""
+    settings, then with imgworker's (allocator.py): {label: Sample of per-process medians}."""
     found = {}
-    for label, malloc in (("glibc defaults", {}), ("unit's MALLOC_*", MALLOC_TUNING)):
+    for label, malloc in (("glibc defaults", {}), ("imgworker's thresholds", MALLOC_TUNING)):
         found[label] = stats.Sample([in_fresh_process(data_path, repetitions, malloc=malloc).median
                                      for _ in range(3)], "ms")
         log(f"  imgworker engine, {label}: {found[label]} per job (median of 3 processes)")

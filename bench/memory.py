@@ -7,8 +7,6 @@ import uuid
 
 from harness.pipeline import Pipeline
 
-from . import endtoend
-
 
 def _peak_kb(pid):
     with open(f"/proc/{pid}/status") as handle:
@@ -25,7 +23,7 @@ def peak(workdir, amqp_url, photo, content_type):
     pipeline = Pipeline(amqp_url, run_dir)
     try:
         pipeline.start_api()
-        worker = pipeline.start_worker(env=endtoend.WORKER_ENV)
+        worker = pipeline.start_worker()
         response = pipeline.upload(data=photo, headers={"Content-Type": content_type})
         response.raise_for_status()
         job = pipeline.wait_job(response.json()["id"], timeout=120)

@@ -81,10 +81,10 @@ def _engine_section(results):
             f"| {_ratio(r.per_second, vips.per_second) if vips else '–'} | {psnr} | {loss} |")
     allocator = results.get("allocator")
     if allocator:
-        default, tuned = allocator["glibc defaults"], allocator["unit's MALLOC_*"]
+        default, tuned = allocator["glibc defaults"], allocator["imgworker's thresholds"]
         lines += ["", "Allocator (imgworker's engine, fresh process each, median of 3): "
-                  f"glibc defaults {default.median:.0f} ms, with the unit's "
-                  f"`MALLOC_MMAP_THRESHOLD_`/`MALLOC_TRIM_THRESHOLD_` {tuned.median:.0f} ms "
+                  f"glibc defaults {default.median:.0f} ms, with imgworker's thresholds "
+                  f"(allocator.py) {tuned.median:.0f} ms "
                   f"per job: {_ratio(default.median, tuned.median)}."]
     return lines
 

@@ -18,7 +18,7 @@ import uuid
 import pika
 import requests
 
-from imgworker import config
+from imgworker import allocator, config
 from imgworker import job as jobs
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -55,6 +55,20 @@ def wait_for_port(port, process, what, timeout=20):
             if process.poll() is not None or time.monotonic() > deadline:
                 raise AssertionError(f"{what} did not start listening on {port}") from None
             time.sleep(0.05)
+
+
+def wait_until(condition, what, timeout=30, interval=0.1):
+    """Poll ``condition()`` until it answers something true, and return that;
+    fail naming ``what`` was awaited once ``timeout`` seconds have passed.
+    A test waits for the event itself, never for a guessed time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        answer = condition()
+        if answer:
+            return answer
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout} s for {what}, in vain")
+        time.sleep(interval)
 
 
 def unit_environment(path):
@@ -116,6 +130,14 @@ class Service:
                 break
         raise AssertionError(f"{self.name} sent no {text!r} in {timeout} s (exit status "
                              f"{self.process.returncode}); got {self.notifications}\n{self.log()}")
+
+    def wait_log(self, text, timeout=20):
+        """Wait until the process has logged ``text``; fail naming it, with
+        the log so far, after ``timeout`` seconds."""
+        try:
+            wait_until(lambda: text in self.log(), f"{self.name} to log {text!r}", timeout)
+        except AssertionError as error:
+            raise AssertionError(f"{error}\n{self.log()}") from None
 
     def log(self):
         with open(self.log_path, errors="replace") as handle:
@@ -256,6 +278,13 @@ class Pipeline:
             "api": {"listen": f"127.0.0.1:{self.port}", "workers": "1", "retry_after": "4"},
             "worker": {"retry_delay": "0.5"},
         }
+        # shared by this pipeline's API and workers, as the host's
+        # /run/imgworker/metrics is (imgworker/metrics.py); a tree older than
+        # [storage] metrics_dir is told in its units' variable (start())
+        self.metrics_dir = os.path.join(self.workdir, "metrics")
+        os.makedirs(self.metrics_dir, exist_ok=True)      # an older tree does not make it
+        if source == REPO:
+            values["storage"]["metrics_dir"] = self.metrics_dir
         for section, options in sections.items():
             values.setdefault(section, {}).update(options)
         self.values = values
@@ -266,32 +295,36 @@ class Pipeline:
                 handle.write(f"[{section}]\n")
                 handle.writelines(f"{key} = {value}\n" for key, value in options.items())
         self.amqp_url = amqp_url
-        # shared by this pipeline's API and workers, as /run/imgworker/metrics
-        # is by the units (imgworker/metrics.py)
-        self.metrics_dir = os.path.join(self.workdir, "metrics")
-        os.makedirs(self.metrics_dir, exist_ok=True)
         self.services = []
         self.nginx = None
 
     def start(self, name, *args, env=None, ready=True):
-        service = Service(name, args, {"IMGWORKER_CONFIG": self.config_path,
-                                       "PROMETHEUS_MULTIPROC_DIR": self.metrics_dir,
-                                       **(env or {})}, self.workdir, self.source)
+        environment = {"IMGWORKER_CONFIG": self.config_path}
+        if self.source != REPO:
+            environment["PROMETHEUS_MULTIPROC_DIR"] = self.metrics_dir
+        service = Service(name, args, {**environment, **(env or {})}, self.workdir, self.source)
         self.services.append(service)
         if ready:
             service.wait_notification("READY=1")
         return service
 
     def api_environment(self):
-        """The environment the shipped API unit gives the API, but for
-        PROMETHEUS_MULTIPROC_DIR (the pipeline sets its own)."""
+        """The malloc environment of this tree's API processes, for a
+        stand-in that does not start the way the API does (the bench's
+        ceiling): this tree's API sets its thresholds itself
+        (imgworker/allocator.py); an older tree's unit set them."""
+        if self.source == REPO:
+            return allocator.environment("api")
         shipped = unit_environment(os.path.join(self.source, "systemd", "imgworker-api.service"))
         shipped.pop("PROMETHEUS_MULTIPROC_DIR", None)
         return shipped
 
     def start_api(self, env=None, **kwargs):
-        """The API with the environment its shipped unit gives it."""
-        return self.start("api", "api", env={**self.api_environment(), **(env or {})}, **kwargs)
+        """The API as its tree starts it: this tree's with no environment
+        but the config (it sets itself up, whoever starts it), an older
+        tree's with its unit's environment."""
+        unit = {} if self.source == REPO else self.api_environment()
+        return self.start("api", "api", env={**unit, **(env or {})}, **kwargs)
 
     def start_nginx(self, **kwargs):
         self.nginx = Nginx(self, **kwargs)

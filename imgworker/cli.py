@@ -10,6 +10,7 @@ import urllib.error
 import urllib.request
 
 from . import __version__, config as configuration, log
+from .job import State
 from .notify import Notifier
 
 logger = logging.getLogger("imgworker")
@@ -17,6 +18,9 @@ logger = logging.getLogger("imgworker")
 #: sysexits.h EX_CONFIG: the units set RestartPreventExitStatus=78, so a
 #: broken config.ini stops the restart loop instead of feeding it.
 EXIT_CONFIG = 78
+
+#: The states `submit --wait` stops at, as the API spells them.
+_FINISHED = {state.value for state in State if state.finished}
 
 
 def _load_config(args):
@@ -58,10 +62,28 @@ def _prepare_storage(config, marker=False):
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def _prepare_process(config, allocation=None):
+    """What a long-running role needs whoever started it: its metrics in
+    the host's metrics directory, and its role's malloc thresholds
+    (``allocation``). A directory this process cannot write exits 78."""
+    from . import allocator, metrics
+    if allocation:
+        allocator.tune(allocation)
+    try:
+        metrics.setup(config)
+    except OSError as error:
+        print(f"imgworker: cannot use [storage] metrics_dir = {config.storage.metrics_dir}: "
+              f"{error.strerror}. It must be a directory this host's imgworker processes can "
+              "write (under systemd, the units' RuntimeDirectory= makes the default one).",
+              file=sys.stderr)
+        raise SystemExit(EXIT_CONFIG) from None
+
+
 def cmd_api(args):
     from . import server
     config = _load_broker_config(args)
     _prepare_storage(config, marker=True)
+    _prepare_process(config, allocation="api")
     log.setup()
     server.run(config, Notifier())
     return 0
@@ -70,6 +92,8 @@ def cmd_api(args):
 def cmd_worker(args):
     from .worker import Worker
     config = _load_broker_config(args)
+    # The renderer child sets the same thresholds for itself (renderer.py).
+    _prepare_process(config, allocation="render")
     log.setup(instance=args.instance)
     worker = Worker(config, args.instance, Notifier())
     # Not before the API's storage is in sight: on a worker-only host the
@@ -177,6 +201,7 @@ def cmd_webhook(args):
         return 0
     from .webhook import WebhookSender
     config = _load_broker_config(args)
+    _prepare_process(config)
     log.setup()
     return WebhookSender(config, Notifier()).run()
 
@@ -209,10 +234,24 @@ def cmd_check_config(args):
     if config.api.listen != defaults.api.listen:
         print(f"note: [api] listen is {config.api.listen}: set the same address in the nginx "
               "site's upstream (server ...).", file=sys.stderr)
-    print(f"{source}: OK; renditions: " +
+    if config.storage.metrics_dir != defaults.storage.metrics_dir:
+        print(f"note: [storage] metrics_dir is {config.storage.metrics_dir}: outside "
+              "/run/imgworker it must be in ReadWritePaths= of the units (systemctl edit "
+              "imgworker@.service imgworker-api.service imgworker-webhook.service), and it "
+              "must be on this host's own disk, never the shared storage.", file=sys.stderr)
+    _warn_about_units(config)
+    print(f"{source}: OK; metrics: {config.storage.metrics_dir}; renditions: " +
           ", ".join(f"{r.name} {r.width}x{r.height} {r.mode} {r.format}"
                     for r in config.renditions))
     return 0
+
+
+def _warn_about_units(config):
+    """A warning line per unit limit the config has outgrown (units.PAIRS):
+    the config is still valid, so check-config still exits 0."""
+    from . import units
+    for violation in units.violations(config):
+        print("warning: " + units.describe(violation, config), file=sys.stderr)
 
 
 def _request(url, data=None, content_type=None):
@@ -241,9 +280,9 @@ def cmd_submit(args):
         deadline = time.monotonic() + args.timeout
         while time.monotonic() < deadline:
             status, job = _request(base + body["status_url"])
-            if job.get("state") in ("done", "failed"):
+            if job.get("state") in _FINISHED:
                 print(json.dumps(job, indent=2))
-                return 0 if job["state"] == "done" else 1
+                return 0 if job["state"] == State.DONE else 1
             time.sleep(0.2)
     except urllib.error.URLError as error:
         print(f"imgworker: cannot reach the API at {base}: {error.reason}", file=sys.stderr)

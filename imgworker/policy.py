@@ -24,24 +24,19 @@ says how to settle. ``handle`` does both, one after the other.
 
 import copy
 import enum
-import json
 import logging
 import os
 import threading
 import time
 import typing
 
-from . import images, ingest
+from . import broker, images, ingest, waits
 from .job import Job, State
 from .log import JobLog
 from .renderer import RenderTimeout
-from .storage import StorageFull, is_job_id
+from .storage import StorageFull
 
 logger = logging.getLogger(__name__)
-
-#: How often a wait (retry_delay, a full disk) looks at the stop flag.
-_TICK = 0.5
-
 
 class Decision(enum.Enum):
     """How the consumer settles the delivery."""
@@ -119,12 +114,8 @@ class JobPolicy:
         here. Never raises: an exception would leave the delivery
         unsettled, and the worker would hold it forever while feeding the
         watchdog."""
-        try:
-            message = json.loads(body)
-        except ValueError:
-            message = None
-        job_id = message.get("id") if isinstance(message, dict) else None
-        if not is_job_id(job_id):
+        job_id = broker.job_id_of(body)
+        if job_id is None:
             logger.error("Dead-lettering a message that is not an imgworker job "
                          "(not a JSON object with a 32-hex-digit id): %r", body[:200])
             return Outcome(Decision.DEAD_LETTER)
@@ -280,16 +271,13 @@ class JobPolicy:
         shared storage was unmounted. The job's record is out of sight, not
         gone, so it must not be taken for a refused upload: wait with the
         job in hand. False if the worker is asked to stop meanwhile."""
-        if self.storage.is_shared_root():
-            return True
-        log.error("waiting: %s is not the API's storage any more (was the shared storage "
-                  "unmounted?); the job resumes once it is back.", self.storage.root)
-        self._status(f"Waiting for the storage: {self.storage.root} is not the API's.")
-        while not self.storage.is_shared_root():
-            if not self._pause(log.job_id, self.config.worker.retry_delay):
-                return False
-        log.info("the storage is back; carrying on.")
-        return True
+        def waiting():
+            log.error("waiting: %s is not the API's storage any more (was the shared storage "
+                      "unmounted?); the job resumes once it is back.", self.storage.root)
+            self._status(f"Waiting for the storage: {self.storage.root} is not the API's.")
+        return waits.until(self.storage.is_shared_root,
+                           lambda: self._pause(log.job_id, self.config.worker.retry_delay),
+                           waiting, lambda: log.info("the storage is back; carrying on."))
 
     def _render_again(self, rendered, error):
         """The disk filled up between staging the renditions and making them
@@ -331,10 +319,4 @@ class JobPolicy:
 
     def _pause(self, job_id, seconds):
         """Sleep, showing progress; False if the worker is asked to stop."""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            if self._stopping():
-                return False
-            self._step(job_id)
-            time.sleep(min(_TICK, max(0.0, deadline - time.monotonic())))
-        return True
+        return waits.pause(seconds, self._stopping, lambda: self._step(job_id))

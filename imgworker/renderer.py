@@ -11,11 +11,11 @@ attempt fails and the job is retried like any other transient failure, up to
 The child reads the original and writes the renditions itself, under temp
 names (Storage.stage_renditions): only their measures cross the pipe, and
 the worker makes them durable (Storage.commit_renditions) while the child
-renders the next job. Sending the ~400 KB of a 2 MP job's renditions back
-through the pipe kept the child waiting on the worker 1-2 ms of each
-50-90 ms job; writing them costs it ~1 ms of CPU, and the worker ~1.5 ms
-less (perf, and /proc over 2-worker drains). The renderers' share of a
-drain went from 95-96% to 97% (bench/results/ingest).
+renders the next job. Sending the encoded renditions back through the pipe
+kept the child waiting on the worker in every job, and copied each byte
+twice more. Writing them costs the child some CPU, but saves the worker
+more, and the renderers spend a larger share of a drain rendering: what it
+cost and saved is measured in bench/results/ingest, not kept here.
 
 The child is spawned (not forked): the worker has threads, and fork() of a
 threaded process copies locks in whatever state they were in.
@@ -28,7 +28,7 @@ import signal
 import time
 import typing
 
-from . import images
+from . import allocator, images
 from .storage import Storage, StorageFull
 
 logger = logging.getLogger(__name__)
@@ -73,6 +73,8 @@ def _serve(connection, root, renditions, limits):
     # SIGTERM/SIGINT go to the worker, which decides when the child ends.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    # A spawned child starts with glibc's defaults, as the worker did.
+    allocator.tune("render")
     # Past [worker] max_render_memory an allocation fails (MemoryError: the
     # job fails with that reason) before the cgroup's OOM killer would pick
     # a process. RLIMIT_DATA counts the heap and anonymous mmaps, which is

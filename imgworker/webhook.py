@@ -30,7 +30,7 @@ import urllib.parse
 import pika
 import pika.exceptions
 
-from . import broker, metrics
+from . import broker, metrics, waits
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,8 @@ DEAD_LETTER_QUEUE = "imgworker.webhooks.dead"
 #: Answers worth trying again: the receiver is busy or broken for now.
 _RETRIED_STATUSES = {408, 429}
 MAX_RETRY_DELAY = 600.0
-_TICK = 0.5
+#: The AMQP reply code of a declaration that differs from the queue's.
+_PRECONDITION_FAILED = 406
 
 
 def signature(secret, body, timestamp):
@@ -81,15 +82,30 @@ def post(config, event, body):
     raise GiveUp(f"HTTP {status}")
 
 
-def declare(channel, config):
-    """The webhook queue, bound to the events, and its dead-letter queue
-    (both of [broker] queue_type)."""
+def declare(connection, config):
+    """The webhook queue, bound to the events, and its dead-letter queue,
+    declared as the job queues are (broker.queue_arguments: of [broker]
+    queue_type; quorum ones with the delivery limit and at-least-once
+    dead-lettering).
+
+    A queue that exists with other arguments is used as it is, with a
+    warning: RabbitMQ does not change a queue's arguments in place, and
+    refuses the declaration (PRECONDITION_FAILED). Quorum webhook queues
+    declared before they had the job queues' arguments are such queues."""
+    channel = connection.channel()
     broker.declare_topology(channel, config)
-    quorum = {"x-queue-type": "quorum"} if config.broker.queue_type == "quorum" else {}
-    channel.queue_declare(DEAD_LETTER_QUEUE, durable=True, arguments=quorum)
-    channel.queue_declare(QUEUE, durable=True, arguments={
-        **quorum, "x-dead-letter-exchange": "", "x-dead-letter-routing-key": DEAD_LETTER_QUEUE})
+    events, dead = broker.queue_arguments(config, dead_letter_queue=DEAD_LETTER_QUEUE)
+    for queue, wanted in ((DEAD_LETTER_QUEUE, dead), (QUEUE, events)):
+        try:
+            channel.queue_declare(queue, durable=True, arguments=wanted)
+        except pika.exceptions.ChannelClosedByBroker as error:
+            if error.reply_code != _PRECONDITION_FAILED:
+                raise
+            logger.warning("Queue %s exists with other arguments than imgworker declares "
+                           "now (%s); it is used as it is.", queue, error.reply_text)
+            channel = connection.channel()      # the refusal closed the last one
     channel.queue_bind(QUEUE, broker.EVENTS_EXCHANGE, routing_key="job.*")
+    channel.close()
 
 
 class WebhookSender:
@@ -110,9 +126,9 @@ class WebhookSender:
             try:
                 connection = pika.BlockingConnection(broker.parameters(self.config, "webhook"))
                 try:
+                    declare(connection, self.config)
                     channel = connection.channel()
                     channel.basic_qos(prefetch_count=1)
-                    declare(channel, self.config)
                     logger.info("Sending events from %s to %s.", QUEUE, self.config.webhook.url)
                     if not ready:
                         self.notifier.ready(self._status())
@@ -135,7 +151,7 @@ class WebhookSender:
         return f"Sending events; {self.delivered} delivered, {self.dead} dead-lettered."
 
     def _consume(self, connection, channel):
-        for method, properties, body in channel.consume(QUEUE, inactivity_timeout=_TICK):
+        for method, properties, body in channel.consume(QUEUE, inactivity_timeout=waits.TICK):
             if self._stop_requested:
                 break
             if method is None:
@@ -161,7 +177,7 @@ class WebhookSender:
             except GiveUp as error:
                 logger.error("Webhook: %s for job %s refused (%s); not retried, "
                              "dead-lettered to %s.", event, job, error, DEAD_LETTER_QUEUE)
-                metrics.WEBHOOKS.labels("dead").inc()
+                metrics.count_webhook("dead")
                 self.dead += 1
                 return False
             except Retry as error:
@@ -169,19 +185,19 @@ class WebhookSender:
                     logger.error("Webhook: %s for job %s failed %d times (last: %s); "
                                  "dead-lettered to %s.", event, job, attempt, error,
                                  DEAD_LETTER_QUEUE)
-                    metrics.WEBHOOKS.labels("dead").inc()
+                    metrics.count_webhook("dead")
                     self.dead += 1
                     return False
                 logger.warning("Webhook: %s for job %s, attempt %d failed (%s); again in %g s.",
                                event, job, attempt, error, delay)
-                metrics.WEBHOOKS.labels("retried").inc()
+                metrics.count_webhook("retried")
                 if not self._sleep(connection, delay):
                     return False
                 delay = min(delay * 2, MAX_RETRY_DELAY)
                 continue
             logger.info("Webhook: %s for job %s delivered (HTTP %d, attempt %d).",
                         event, job, status, attempt)
-            metrics.WEBHOOKS.labels("delivered").inc()
+            metrics.count_webhook("delivered")
             self.delivered += 1
             return True
         return False
@@ -189,11 +205,5 @@ class WebhookSender:
     def _sleep(self, connection, seconds):
         """Wait, keeping the connection's heartbeats going; False if asked
         to stop meanwhile."""
-        deadline = time.monotonic() + seconds
-        while not self._stop_requested and time.monotonic() < deadline:
-            step = min(_TICK, max(0.0, deadline - time.monotonic()))
-            if connection is not None:
-                connection.sleep(step)
-            else:
-                time.sleep(step)
-        return not self._stop_requested
+        return waits.pause(seconds, lambda: self._stop_requested,
+                           sleep=time.sleep if connection is None else connection.sleep)

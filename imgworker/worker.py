@@ -32,16 +32,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import pika
 import pika.exceptions
 
-from . import broker, images, metrics
-from .policy import Decision, JobPolicy, Rendered
+from . import broker, images, metrics, waits
+from .policy import Decision, JobPolicy, Outcome, Rendered
 from .renderer import Renderer
 from .storage import Storage
 
 logger = logging.getLogger(__name__)
-
-#: How long pika may sit in I/O before the main loop looks at signals and
-#: the watchdog again.
-_TICK = 0.5
 
 
 class Worker:
@@ -59,6 +55,9 @@ class Worker:
         # delivery tag -> (its render-thread Future: cancelled while not
         # started, its Outcome Future), on the current channel
         self._in_hand = {}
+        # monotonic time a delivery last arrived, or one in hand moved a
+        # step: what the watchdog watches when the policy holds no job
+        self._last_moved = time.monotonic()
         self._events = None         # the confirmed channel events go out on
         self._stop_requested = False
         self._ready_sent = False
@@ -84,18 +83,16 @@ class Worker:
         long, so the journal says why every time."""
         self._handle_signals()
         storage = self.policy.storage
-        if storage.is_shared_root():
-            return True
-        logger.error("Not ready: %s has no %s, so it is not the storage the API writes to "
-                     "(is the shared storage mounted? has the API ever run on it?). "
-                     "Waiting for it.", storage.root, os.path.basename(storage.marker_path))
-        self.notifier.status(f"Waiting for the storage: {storage.root} is not the API's "
-                             "(shared storage not mounted?)")
-        while not self._stop_requested and not storage.is_shared_root():
-            self._sleep(1.0)
-        if not self._stop_requested:
-            logger.info("%s is the API's storage now; carrying on.", storage.root)
-        return not self._stop_requested
+
+        def waiting():
+            logger.error("Not ready: %s has no %s, so it is not the storage the API writes to "
+                         "(is the shared storage mounted? has the API ever run on it?). "
+                         "Waiting for it.", storage.root, os.path.basename(storage.marker_path))
+            self.notifier.status(f"Waiting for the storage: {storage.root} is not the API's "
+                                 "(shared storage not mounted?)")
+        return waits.until(storage.is_shared_root, lambda: self._sleep(1.0), waiting,
+                           lambda: logger.info("%s is the API's storage now; carrying on.",
+                                               storage.root))
 
     def run(self):
         """Consume until SIGTERM; returns the process exit status."""
@@ -126,10 +123,8 @@ class Worker:
         return 0
 
     def _sleep(self, seconds):
-        deadline = time.monotonic() + seconds
-        while not self._stop_requested and time.monotonic() < deadline:
-            self._tick()
-            time.sleep(min(_TICK, max(0.0, deadline - time.monotonic())))
+        """Wait, feeding the watchdog; False if asked to stop meanwhile."""
+        return waits.pause(seconds, lambda: self._stop_requested, self._tick)
 
     def _consume(self):
         connection = pika.BlockingConnection(broker.parameters(self.config, f"worker {self.instance}"))
@@ -149,7 +144,7 @@ class Worker:
             else:
                 self.notifier.status(self.policy.idle_status())
             while not self._stop_requested:
-                connection.process_data_events(time_limit=_TICK)
+                connection.process_data_events(time_limit=waits.TICK)
                 self._tick()
             self._drain(connection, channel, consumer_tag)
         finally:
@@ -177,12 +172,12 @@ class Worker:
         they schedule) flowing when there is a connection to flow on."""
         while self._in_hand:
             if connection is not None and connection.is_open:
-                connection.process_data_events(time_limit=_TICK)
+                connection.process_data_events(time_limit=waits.TICK)
             else:
                 for tag, (_begun, outcome) in list(self._in_hand.items()):
                     if outcome.done():
                         del self._in_hand[tag]
-                time.sleep(_TICK)
+                time.sleep(waits.TICK)
             self._tick()
 
     # -- systemd --------------------------------------------------------------
@@ -193,7 +188,7 @@ class Worker:
         worker and the broker redelivers its jobs."""
         if self.notifier.watchdog_interval is None:
             return
-        silence = self.policy.silence()
+        silence = self._silence()
         if silence is not None and silence > self.config.worker.stall_timeout:
             return
         now = time.monotonic()
@@ -201,20 +196,50 @@ class Worker:
             self.notifier.watchdog()
             self._last_ping = now
 
+    def _silence(self):
+        """Seconds the work in hand has not moved: the policy's measure while
+        it holds a job; else, with deliveries in hand that no step holds
+        (each should be settled at once), the time since one last moved. A
+        delivery that is never settled thus stops the pings too, instead of
+        a loop waiting for it forever while systemd hears all is well."""
+        silence = self.policy.silence()
+        if silence is None and self._in_hand:
+            return time.monotonic() - self._last_moved
+        return silence
+
     # -- one delivery ---------------------------------------------------------
     def _on_message(self, connection, channel, method, properties, body):
         tag = method.delivery_tag
         outcome = Future()
         outcome.add_done_callback(functools.partial(self._settle, connection, channel, tag))
-        begun = self._render_thread.submit(self._begin, body, method.redelivered, outcome)
+        self._last_moved = time.monotonic()
+        begun = self._render_thread.submit(self._settling, outcome, self._begin, body,
+                                           method.redelivered, outcome)
         self._in_hand[tag] = (begun, outcome)
+
+    def _settling(self, outcome, step, *args):
+        """Run one step of a delivery so that, whatever it raises, the
+        delivery is settled: handed back, with the reason in the journal.
+        The policy counts attempts before its work, so a job that fails
+        this way every time still ends failed after max_attempts; a step
+        that already decided (the policy's Outcome is set) stands."""
+        try:
+            step(*args)
+        except Exception as error:  # noqa: BLE001 - an unsettled delivery is held forever
+            if not outcome.done():
+                logger.exception("A delivery could not be handled (%s: %s); handing it back.",
+                                 type(error).__name__, error)
+                outcome.set_result(Outcome(Decision.REQUEUE))
+            else:
+                logger.exception("Error after a delivery was settled.")
 
     def _begin(self, body, redelivered, outcome):
         """In the render thread: the policy's first step. A rendered job goes
         on to the finish thread, and this thread to the next delivery."""
         begun = self.policy.begin(body, redelivered)
+        self._last_moved = time.monotonic()
         if isinstance(begun, Rendered):
-            self._finish_thread.submit(self._finish, begun, outcome)
+            self._finish_thread.submit(self._settling, outcome, self._finish, begun, outcome)
         else:
             self._ended(begun, outcome)
 
@@ -222,12 +247,15 @@ class Worker:
         """In the finish thread: the policy's second step."""
         self._ended(self.policy.finish(rendered), outcome)
 
-    @staticmethod
-    def _ended(result, outcome):
-        if result.counted == "done":
-            metrics.count_job("done", result.ended.seconds)
-        elif result.counted is not None:
-            metrics.count_job(result.counted)
+    def _ended(self, result, outcome):
+        self._last_moved = time.monotonic()
+        try:
+            if result.counted == "done":
+                metrics.count_job("done", result.ended.seconds)
+            elif result.counted is not None:
+                metrics.count_job(result.counted)
+        except Exception:  # noqa: BLE001 - a count lost must not leave the job unsettled
+            logger.exception("Could not count a job's end in the metrics.")
         outcome.set_result(result)
 
     def _publish_event(self, job):
@@ -249,6 +277,7 @@ class Worker:
 
         def settle():
             self._in_hand.pop(tag, None)
+            self._last_moved = time.monotonic()
             if not channel.is_open:
                 return  # the broker redelivers it; our outputs are idempotent
             # The event before the ack: dying in between sends it twice
