@@ -420,10 +420,10 @@ class GroupPublisher:
     confirmed (a group commit, as storage.GroupSync).
 
     Each request thread with a connection of its own ran pika's I/O loop
-    for its one message: a sixth of the API's interpreter time, and every
-    poll() gave up the interpreter lock, to wait for it again behind the
-    threads busy parsing uploads (py-spy --gil). Here one thread does the
-    I/O for a batch, and the rest wake once, when their confirm is in."""
+    for its one message, and every poll() gave up the interpreter lock, to
+    wait for it again behind the threads busy parsing uploads. Here one
+    thread does the I/O for a batch, and the rest wake once, when their
+    confirm is in."""
 
     def __init__(self, publisher):
         self._publisher = publisher

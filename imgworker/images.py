@@ -10,8 +10,9 @@ Rendering follows what makes stock Pillow fast and correct:
   least twice its size, else from the decoded original;
 - an exact integer step is a box average (``reduce()``); any other step is
   BILINEAR, with ``reducing_gap`` for large factors. Against LANCZOS from
-  the full-size image, this costs at most 0.2 dB PSNR on the standard job
-  and is faster (bench/results/results.md, "Renditions engine");
+  the full-size image this loses a little fidelity and saves much of the
+  time: the bench measures both, with PSNR (bench/results/results.md,
+  "Renditions engine");
 - EXIF orientation is applied, and no metadata (EXIF, GPS, XMP, ICC) is
   ever written to an output: an upload's ICC profile is used to convert its
   pixels to sRGB, the web's default, and is never copied (a client could
@@ -61,11 +62,12 @@ _DERIVE_RATIO = 2.0
 MAX_JPEG_SCANS = 100
 
 #: Comment bytes a GIF may carry. Pillow 9.4 (Debian 12) joins comment
-#: blocks with ``comment += block``: quadratic, minutes for 25 MB of them.
+#: blocks with ``comment += block``: quadratic in their number.
 MAX_GIF_COMMENT_BYTES = 64 << 10
 
-#: What all of a PNG's text chunks may inflate to (Pillow's default is 64 MB:
-#: 63 compressed zTXt chunks in a 66 KB file cost the API +65 MiB).
+#: What all of a PNG's text chunks may inflate to. Pillow's default is tens
+#: of MB, which a small file of compressed zTXt chunks reaches, in the API
+#: and in the renderer; renditions never carry text.
 PngImagePlugin.MAX_TEXT_MEMORY = 2 << 20
 
 #: Larger "profiles" are not parsed: real ones are kilobytes (a printer's a
@@ -101,8 +103,8 @@ MODES = ("fit", "fill")
 
 
 #: Bytes per pixel that decoding a WebP takes at its peak: libwebp's
-#: animation decoder keeps two RGBA canvases, and Pillow copies one (a
-#: 16383x3051 WebP of 90 bytes peaked at 781 MiB, 16.4 bytes per pixel).
+#: animation decoder keeps two RGBA canvases, and Pillow copies one
+#: (tests/integration/test_hostile_input.py's webp_bomb measures it).
 _WEBP_DECODE_BYTES_PER_PIXEL = 16
 #: What the renderer process holds besides pixels (the interpreter, Pillow).
 _RENDERER_BASE_BYTES = 64 << 20
@@ -178,9 +180,9 @@ class _JpegHeader:
 def _jpeg_header(data):
     """The frame's size and scan layout, from a walk over the segments up to
     the first scan; None if the walk does not reach one cleanly (Pillow
-    then reads the header). Counting scans reads all of the data (a quarter
-    of the API's CPU per upload), Pillow's header parsing in Python an
-    eighth of what was left (py-spy --gil); this walk takes microseconds."""
+    then reads the header). Counting scans reads all of the data, and
+    Pillow parses the header in Python: both showed in the API's profile of
+    an upload, and this walk stops at the first scan."""
     position, frame = 2, None
     for _ in range(_MAX_HEADER_SEGMENTS):
         if position + 4 > len(data) or data[position] != 0xFF:
@@ -527,8 +529,8 @@ def _render(fmt, image, renditions, progress):
     image.load()
     progress()
     # Resized in the source's orientation and turned upright only then: a
-    # transpose of the full-size image would be one more copy of its pixels
-    # (a 90-byte 16383x3051 WebP with orientation 6 needed 813 MiB).
+    # transpose of the full-size image would be one more copy of its pixels,
+    # which a tiny WebP of the largest canvas turns into hundreds of MiB.
     base = _normalise_mode(image)
 
     def in_source(size):
