@@ -32,6 +32,22 @@ class NodeDown(Exception):
     pass
 
 
+def wait_exited(pid, timeout=30):
+    """Wait until process ``pid`` runs no more: gone, or a zombie its parent
+    has yet to reap (a ``-detached`` node's parent is init). False if it
+    still runs after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            with open(f"/proc/{pid}/stat") as handle:
+                if handle.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 class Node:
     def __init__(self, number, directory):
         self.number = number
@@ -104,9 +120,7 @@ class Node:
         RabbitMQ nodes may run on the machine)."""
         pid = self.os_pid()
         os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + 30
-        while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_exited(pid)
 
     def is_running(self):
         return self.ctl("-q", "status", check=False, timeout=30).returncode == 0

@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from harness.pipeline import wait_until
 from imgworker import broker
 
 
@@ -69,8 +70,8 @@ def test_a_health_check_waits_for_the_batch_in_flight():
     publisher = broker.GroupPublisher(recording)
     worker = threading.Thread(target=publisher.publish, args=("job0", b"{}"))
     worker.start()
-    while not recording.batches:                # the batch is in flight (10 ms)
-        time.sleep(0.0005)
+    # within the 10 ms the batch is in flight
+    wait_until(lambda: recording.batches, "the publishing thread's batch", 5, interval=0.0005)
     publisher.check()
     worker.join(5)
     assert recording.batches == [["job0"], "check"]

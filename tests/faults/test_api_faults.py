@@ -11,7 +11,7 @@ from imgworker.job import Job
 from imgworker.storage import Storage, new_job_id
 from harness import samples
 from harness.ledger import Ledger
-from harness.pipeline import REPO
+from harness.pipeline import REPO, wait_until
 
 
 def sweep(pipeline, older_than=0):
@@ -60,11 +60,16 @@ def test_kill_9_of_the_api_during_uploads_loses_nothing_it_accepted(make_pipelin
     ledger = Ledger.for_pipeline(pipeline, "6. kill -9 the API x3")
     stop = threading.Event()
     loads = [ledger.run_load(count=10_000, per_second=25, stop=stop) for _ in range(4)]
+
+    def accepted_again():
+        # each API, the first and every restarted one, takes uploads before its kill
+        count = len(ledger.accepted) + 300
+        wait_until(lambda: len(ledger.accepted) >= count, f"{count} uploads accepted", 60)
     for _ in range(3):
-        time.sleep(3)
+        accepted_again()
         api.kill_tree()
         api = pipeline.start_api()
-    time.sleep(3)
+    accepted_again()
     stop.set()
     for load in loads:
         load.join()

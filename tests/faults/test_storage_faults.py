@@ -4,7 +4,6 @@ half-written is ever served, and work resumes by itself when space returns."""
 import errno
 import os
 import subprocess
-import time
 
 import pytest
 import requests
@@ -58,10 +57,7 @@ def test_a_full_disk_refuses_uploads_with_507_pauses_workers_and_resumes_when_sp
     assert len(pipeline.stored_originals()) == 5
     # And a worker renders but waits for space, serving nothing half-written
     worker = pipeline.start_worker()
-    deadline = time.monotonic() + 30
-    while "waiting: no space left" not in worker.log() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert "waiting: no space left" in worker.log()
+    worker.wait_log("waiting: no space left", timeout=30)
     for job_id in ledger.accepted:
         assert pipeline.read_job(job_id).state.value in ("queued", "processing")
         directory = os.path.join(small_disk, "renditions", job_id)

@@ -108,3 +108,22 @@ def wait_dead_letters_raw(pipeline, count, timeout=30):
     while len(pipeline.dead_lettered()) < count and time.monotonic() < deadline:
         time.sleep(0.1)
     return pipeline.dead_lettered()
+
+
+def test_dlq_list_shows_dead_letters_of_any_bytes_as_not_a_job(pipeline):
+    # Given bodies no JSON parser takes quietly, dead-lettered by some producer
+    pipeline.start_api()                # declares the queues
+    bodies = [b"[" * 100000, b"\xff\xfe\xfd not UTF-8", b'{"id": ' * 50000]
+    connection, channel = pipeline._channel()
+    channel.confirm_delivery()
+    for body in bodies:
+        channel.basic_publish("", pipeline.dead_letter_queue, body)
+    connection.close()
+    # When an operator lists the dead letters
+    listed = dlq(pipeline, "list", "--json")
+    # Then each is shown as not a job, and left in place
+    assert listed.returncode == 0, listed.stderr
+    letters = json.loads(listed.stdout)
+    assert [letter["id"] for letter in letters] == [None] * 3
+    assert all(letter["reason"].startswith("not an imgworker job: ") for letter in letters)
+    assert sorted(body for body, _reason in pipeline.dead_lettered()) == sorted(bodies)
