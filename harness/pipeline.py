@@ -175,6 +175,22 @@ class Service:
             time.sleep(0.05)
         raise AssertionError(f"{self.name} has no renderer process")
 
+    def busy_renderer_pid(self, timeout=30):
+        """The renderer child once it is at work (it has used CPU since it
+        was found). A job's record says processing before its render is
+        handed to the child: a child killed before then is idle, and the
+        worker starts another for the job without a failed attempt."""
+        pid = self.renderer_pid()
+
+        def cpu_ticks():
+            with open(f"/proc/{pid}/stat") as handle:
+                fields = handle.read().rsplit(")", 1)[1].split()
+            return int(fields[11]) + int(fields[12])     # utime + stime
+        start = cpu_ticks()
+        wait_until(lambda: cpu_ticks() >= start + 10, f"{self.name}'s renderer {pid} to render",
+                   timeout, interval=0.02)
+        return pid
+
     def stop(self, timeout=30):
         if self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

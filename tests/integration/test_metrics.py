@@ -68,7 +68,7 @@ def test_a_failed_job_and_a_retried_attempt_are_counted_by_outcome(make_pipeline
     deadline = time.monotonic() + 30
     while pipeline.job(slow)["state"] != "processing" and time.monotonic() < deadline:
         time.sleep(0.05)
-    os.kill(worker.renderer_pid(), signal.SIGKILL)     # a transient failure: retried
+    os.kill(worker.busy_renderer_pid(), signal.SIGKILL)     # a transient failure: retried
     job = pipeline.wait_job(slow, timeout=90)
     assert (job["state"], job["attempts"]) == ("done", 2)
     after = scrape(pipeline.base_url)

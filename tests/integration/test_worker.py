@@ -166,7 +166,7 @@ def test_a_renderer_killed_midway_costs_one_attempt_and_the_job_still_finishes(m
                                                                               big_jpeg):
     # As when the OOM killer or a decoder crash takes the rendering process
     pipeline, worker, job_id = slow_job_in_hand(make_pipeline, big_jpeg)
-    os.kill(worker.renderer_pid(), signal.SIGKILL)
+    os.kill(worker.busy_renderer_pid(), signal.SIGKILL)
     job = pipeline.wait_job(job_id, timeout=90)
     assert job["state"] == "done" and job["attempts"] == 2
     assert worker.process.poll() is None
@@ -176,9 +176,9 @@ def test_a_renderer_killed_midway_costs_one_attempt_and_the_job_still_finishes(m
 
 def test_a_job_that_crashes_every_renderer_is_dead_lettered_with_its_reason(make_pipeline, big_jpeg):
     pipeline, worker, job_id = slow_job_in_hand(make_pipeline, big_jpeg, worker={"max_attempts": "2"})
-    os.kill(worker.renderer_pid(), signal.SIGKILL)
+    os.kill(worker.busy_renderer_pid(), signal.SIGKILL)
     wait_attempt(pipeline, job_id, 2)
-    os.kill(worker.renderer_pid(), signal.SIGKILL)
+    os.kill(worker.busy_renderer_pid(), signal.SIGKILL)
     job = pipeline.wait_job(job_id, timeout=30)
     assert job["state"] == "failed"
     assert job["error"] == "gave up after 2 attempts: the renderer process died (signal SIGKILL)"
@@ -213,3 +213,26 @@ def test_a_malformed_message_is_dead_lettered_and_the_worker_takes_the_next_job(
     assert pipeline.queue_depth() == 0
     assert worker.process.poll() is None
     assert "Dead-lettering a message that is not an imgworker job" in worker.log()
+
+
+def test_messages_no_parser_takes_quietly_are_dead_lettered_and_sigterm_still_stops_the_worker(
+        pipeline):
+    # Given a worker, and on its queue bodies that once stalled it for good
+    # (a RecursionError left the delivery unsettled, and SIGTERM hung)
+    pipeline.start_api()
+    worker = pipeline.start_worker()
+    bodies = [b"[" * 100000, b'{"id":' * 50000, b"\xff\xfe\xfd not UTF-8",
+              b'{"id": "' + b"0" * (2 << 20) + b'"}']
+    for body in bodies:
+        pipeline.publish_raw(body)
+    # When a good job comes after them
+    good = pipeline.upload(samples.jpeg(400, 300)).json()["id"]
+    # Then each is dead-lettered with the reason in the log, the good job is
+    # done, and SIGTERM stops the worker within seconds
+    assert pipeline.wait_job(good, timeout=30)["state"] == "done"
+    assert sorted(pipeline.dead_lettered()) == sorted((body, "rejected") for body in bodies)
+    assert worker.log().count("Dead-lettering a message that is not an imgworker job") == 4
+    assert pipeline.queue_depth() == 0
+    worker.signal(signal.SIGTERM)
+    assert worker.process.wait(5) == 0
+    worker.wait_notification("STOPPING=1", timeout=1)
