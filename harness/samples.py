@@ -86,3 +86,76 @@ def animated_gif(frames=300, size=(200, 150)):
     for image in images:
         image.putpalette([(i * 7) % 256 for i in range(768)])
     return encode(images[0], "GIF", save_all=True, append_images=images[1:], duration=20)
+
+
+# -- hostile inputs (issue 22): each a plain function returning the bytes ---------
+
+def _tiff_flood(entries):
+    """A big-endian TIFF directory of ``entries`` distinct tags Pillow does not
+    know, each of type SHORT at offset 8 with a count that spans the whole
+    blob (32,757 for 5,459 entries), so a parser that turns entries into
+    tuples does quadratic work."""
+    count = (12 * entries + 6) // 2           # the blob's bytes after offset 8, in SHORTs
+    table = b"".join(struct.pack(">HHII", 0x2000 + i, 3, count, 8) for i in range(entries))
+    return b"MM\x00*" + struct.pack(">IH", 8, entries) + table + b"\x00" * 4
+
+
+def _jpeg_segment(marker, body):
+    return bytes((0xFF, marker)) + struct.pack(">H", len(body) + 2) + body
+
+
+def mpf_bomb(entries=5459, stray=True):
+    """Issue 22 finding 1: SOI, one APP2 ``MPF`` segment holding a TIFF
+    directory of ``entries`` entries (see _tiff_flood), then (``stray``) one
+    stray 0x00 byte, then an ordinary 8x8 JPEG. 66 KB; Pillow 9.4 took an API
+    process to 1.47 GB parsing it."""
+    return (b"\xff\xd8" + _jpeg_segment(0xE2, b"MPF\x00" + _tiff_flood(entries))
+            + (b"\x00" if stray else b"") + jpeg(8, 8)[2:])
+
+
+def exif_bomb(entries=5459, stray=False):
+    """Issue 22 finding 1, APP1 variant: the same directory as mpf_bomb in an
+    ``Exif`` segment (an Orientation tag is not among its entries). Without
+    ``stray`` the header walk vouches for it; Pillow parsing its Exif cost a
+    renderer 350-380 MB."""
+    return (b"\xff\xd8" + _jpeg_segment(0xE1, b"Exif\x00\x00" + _tiff_flood(entries))
+            + (b"\x00" if stray else b"") + jpeg(8, 8)[2:])
+
+
+def gif_comment_bypass(size, block=255, junk=b"\x00", junk_after=False):
+    """Issue 22 finding 2: a 1x1 GIF89a with ``size`` bytes of comment in
+    sub-blocks of ``block`` bytes, after (or, ``junk_after``, before the
+    image and after) one unknown byte ``junk`` that a walk stopping at
+    "damaged" never counts past. Pillow skips the byte and joins the comment
+    blocks quadratically (4 MiB: 2.85 s in Pillow 9.4)."""
+    base = encode(Image.new("P", (1, 1)), "GIF")
+    start = 13 + (3 << ((base[10] & 7) + 1) if base[10] & 0x80 else 0)
+    blocks = b"".join(bytes((len(piece),)) + piece for piece in
+                      (b"c" * min(block, size - offset) for offset in range(0, size, block)))
+    comment = b"\x21\xfe" + blocks + b"\x00"
+    return base[:start] + (comment + junk if junk_after else junk + comment) + base[start:]
+
+
+def _png_chunk(kind, body):
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def png_chunk_flood(count, kind=b"iCCP", inflated=1 << 20, payload=None):
+    """Issue 22 finding 3: a 1x1 PNG with ``count`` ``kind`` chunks (iCCP,
+    zTXt, iTXt, or tEXt holding 100 bytes) before its IDAT, each about 1 KB
+    of zlib that inflates to ``inflated`` bytes of zeros (Pillow inflates
+    each up to its per-chunk cap), or to ``payload`` if given."""
+    if kind == b"tEXt":
+        body = b"k\x00" + b"t" * 100
+    else:
+        compressed = zlib.compress(b"\x00" * inflated if payload is None else payload, 9)
+        body = {b"iCCP": b"icc\x00\x00", b"zTXt": b"k\x00\x00",
+                b"iTXt": b"k\x00\x01\x00\x00\x00"}[kind] + compressed
+    base = encode(Image.new("RGB", (1, 1)), "PNG")
+    idat = base.index(b"IDAT") - 4
+    return base[:idat] + _png_chunk(kind, body) * count + base[idat:]
+
+
+def png_iccp_flood(count):
+    """``count`` iCCP chunks of 1 MiB of zeros each (see png_chunk_flood)."""
+    return png_chunk_flood(count, b"iCCP")

@@ -19,6 +19,7 @@ Rendering follows what makes stock Pillow fast and correct:
   otherwise have any bytes it likes served from the site).
 """
 
+import contextlib
 import io
 import mmap
 import struct
@@ -69,6 +70,20 @@ MAX_GIF_COMMENT_BYTES = 64 << 10
 #: of MB, which a small file of compressed zTXt chunks reaches, in the API
 #: and in the renderer; renditions never carry text.
 PngImagePlugin.MAX_TEXT_MEMORY = 2 << 20
+
+#: Ancillary PNG chunks a file may carry besides the animation's frame
+#: chunks (fcTL, fdAT): each iCCP, zTXt or iTXt is inflated by Pillow up to
+#: its per-chunk cap, so their number, not only their size, must be bounded.
+#: Real files carry a handful.
+MAX_PNG_METADATA_CHUNKS = 64
+
+#: Compressed bytes all of a PNG's iCCP, zTXt and iTXt chunks may hold:
+#: a profile compresses to kilobytes, and the renditions carry no text.
+MAX_PNG_COMPRESSED_METADATA = 2 << 20
+
+#: Chunks of any kind walked in a PNG; encoders write IDAT in chunks of
+#: kilobytes, so a file under the upload limit has a few thousand at most.
+_MAX_PNG_CHUNKS = 1 << 16
 
 #: Larger "profiles" are not parsed: real ones are kilobytes (a printer's a
 #: few hundred); the pixels are then taken as sRGB.
@@ -177,16 +192,35 @@ class _JpegHeader:
     plain: bool
 
 
-def _jpeg_header(data):
-    """The frame's size and scan layout, from a walk over the segments up to
-    the first scan; None if the walk does not reach one cleanly (Pillow
-    then reads the header). Counting scans reads all of the data, and
-    Pillow parses the header in Python: both showed in the API's profile of
-    an upload, and this walk stops at the first scan."""
-    position, frame = 2, None
+class _JpegWalk:
+    """What the walk over a JPEG's segments found, up to its first scan."""
+
+    def __init__(self, header, segments, scan):
+        self.header = header
+        #: (marker, start, end) of every segment before the first scan.
+        self.segments = segments
+        #: Where the first scan's SOS marker starts.
+        self.scan = scan
+
+
+def _walk_jpeg(data):
+    """Walk the segments up to the first scan, refusing (BadImage) whatever
+    the walk cannot vouch for: a byte where a marker should start (Pillow
+    skips it and reads on), a reserved marker, a segment running past the
+    end, more than _MAX_HEADER_SEGMENTS segments, a second frame, or no scan.
+    Counting scans reads all of the data, and Pillow parses the header in
+    Python: both showed in the API's profile of an upload, and this walk
+    stops at the first scan."""
+    position, frame, segments = 2, None, []
+
+    def refuse(why):
+        return BadImage(f"the jpeg header cannot be read: {why}")
     for _ in range(_MAX_HEADER_SEGMENTS):
-        if position + 4 > len(data) or data[position] != 0xFF:
-            return None
+        if position + 4 > len(data):
+            raise refuse("it ends before its first scan")
+        if data[position] != 0xFF:
+            raise refuse(f"byte 0x{data[position]:02x} at offset {position} where a "
+                         "marker should start")
         marker = data[position + 1]
         if marker == 0xFF:                      # fill byte
             position += 1
@@ -194,24 +228,146 @@ def _jpeg_header(data):
         if marker in _STANDALONE:
             position += 2
             continue
+        if marker < 0xC0 or marker in (0xD8, 0xD9):
+            raise refuse(f"marker 0x{marker:02x} at offset {position} before its first scan")
         length = (data[position + 2] << 8) | data[position + 3]
+        if length < 2 or position + 2 + length > len(data):
+            raise refuse(f"the segment at offset {position} has an impossible length")
         if marker in _SEQUENTIAL_SOF or marker in _OTHER_SOF:
-            if frame is not None or position + 10 > len(data):
-                return None                     # a second frame: let Pillow refuse it
+            if frame is not None or length < 8:
+                raise refuse("it has a second frame, or a frame too short to be one")
             frame = (marker, data[position + 4],                          # precision
                      (data[position + 7] << 8) | data[position + 8],      # width
                      (data[position + 5] << 8) | data[position + 6],      # height
                      data[position + 9])                                  # components
         elif marker == 0xDA:                    # start of scan: its component count
-            if frame is None or position + 5 > len(data):
-                return None
+            if frame is None or length < 3:
+                raise refuse("a scan comes before the frame header")
             kind, precision, width, height, components = frame
-            return _JpegHeader(width, height,
-                               kind in _SEQUENTIAL_SOF and data[position + 4] == components,
-                               kind in _PILLOW_SOF and precision == 8
-                               and components in (1, 3, 4))
+            return _JpegWalk(_JpegHeader(width, height,
+                                         kind in _SEQUENTIAL_SOF
+                                         and data[position + 4] == components,
+                                         kind in _PILLOW_SOF and precision == 8
+                                         and components in (1, 3, 4)),
+                             segments, position)
+        segments.append((marker, position, position + 2 + length))
         position += 2 + length
-    return None
+    raise refuse(f"more than {_MAX_HEADER_SEGMENTS} segments before its first scan")
+
+
+def _jpeg_header(data):
+    """The frame's size and scan layout, or None where _walk_jpeg refuses."""
+    try:
+        return _walk_jpeg(data).header
+    except BadImage:
+        return None
+
+
+def _plain_jpeg(data):
+    """The walk of a JPEG whose header says everything Pillow would read
+    from it; BadImage for any other (Pillow would refuse it, or parse what
+    the walk did not vouch for)."""
+    walk = _walk_jpeg(data)
+    if not walk.header.plain:
+        raise BadImage("the jpeg header cannot be read: imgworker decodes 8-bit "
+                       "baseline and progressive JPEGs of 1, 3 or 4 components")
+    return walk
+
+
+#: APPn segments a rendition uses, by marker and the start of their body:
+#: JFIF, the ICC profile, Adobe's colour transform (CMYK and YCCK). Every
+#: other APPn and COM segment (MPF, XMP, Photoshop, comments) is metadata
+#: that renditions never carry, so Pillow is not given it to parse; Exif is
+#: read here, only for its Orientation tag (_exif_orientation).
+_KEPT_APP = ((0xE0, b"JFIF\x00"), (0xE2, b"ICC_PROFILE\x00"), (0xEE, b"Adobe"))
+
+
+def _jpeg_for_pillow(data, walk):
+    """The header segments Pillow is to read (SOI, the frame's tables, and
+    only the APPn segments in _KEPT_APP; no ICC chunks at all past
+    _MAX_ICC_BYTES), and the Exif TIFF data found on the way (or None)."""
+    head, icc, exif = [b"\xff\xd8"], [], None
+    for marker, start, end in walk.segments:
+        body = data[start + 4:end]
+        if marker == 0xE1 and exif is None and body[:6] == b"Exif\x00\x00":
+            exif = bytes(body[6:])
+        if 0xE0 <= marker <= 0xEF or marker == 0xFE:
+            if not any(marker == kept and body[:len(prefix)] == prefix
+                       for kept, prefix in _KEPT_APP):
+                continue
+            if marker == 0xE2:
+                icc.append(len(head))
+        head.append(bytes(data[start:end]))
+    if sum(len(head[i]) - 18 for i in icc) > _MAX_ICC_BYTES:     # 18: marker, length, chunk header
+        icc = set(icc)
+        head = [segment for i, segment in enumerate(head) if i not in icc]
+    return b"".join(head), exif
+
+
+def _exif_orientation(exif):
+    """The Orientation tag of Exif TIFF data (a leading ``Exif\\0\\0`` is
+    skipped), 1 if there is none. Only the first directory's entries are
+    read, each once: linear in the data, whatever it holds."""
+    if not exif:
+        return 1
+    exif = bytes(exif[6:]) if exif[:6] == b"Exif\x00\x00" else bytes(exif)
+    order = {b"II": "<", b"MM": ">"}.get(exif[:2])
+    if order is None or len(exif) < 8:
+        return 1
+    (directory,) = struct.unpack_from(order + "I", exif, 4)
+    if directory + 2 > len(exif):
+        return 1
+    (entries,) = struct.unpack_from(order + "H", exif, directory)
+    for entry in range(directory + 2, min(directory + 2 + 12 * entries, len(exif) - 11), 12):
+        tag, kind, count = struct.unpack_from(order + "HHI", exif, entry)
+        if tag == _EXIF_ORIENTATION:
+            if count == 1 and kind in (3, 4):
+                return struct.unpack_from(order + ("H" if kind == 3 else "I"), exif, entry + 8)[0]
+            return 1
+    return 1
+
+
+class _Spliced(io.RawIOBase):
+    """A file that reads as ``head`` followed by ``file`` from ``offset`` on:
+    the JPEG Pillow opens, with header segments chosen by _jpeg_for_pillow
+    and the scans read from the upload as they are decoded, never copied
+    whole into memory. Closing it closes ``file``."""
+
+    def __init__(self, head, file, offset):
+        super().__init__()
+        self._head, self._file, self._offset = head, file, offset
+        self._size = len(head) + file.seek(0, io.SEEK_END) - offset
+        self._position = 0
+
+    def readable(self):
+        return True
+
+    def seekable(self):
+        return True
+
+    def tell(self):
+        return self._position
+
+    def seek(self, offset, whence=io.SEEK_SET):
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self._size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer):
+        view, done = memoryview(buffer).cast("B"), 0
+        if self._position < len(self._head):
+            piece = self._head[self._position:self._position + len(view)]
+            view[:len(piece)] = piece
+            done = len(piece)
+        if done < len(view):
+            self._file.seek(self._offset + self._position + done - len(self._head))
+            done += self._file.readinto(view[done:]) or 0
+        self._position += done
+        return done
+
+    def close(self):
+        self._file.close()
+        super().close()
 
 
 def _jpeg_scans(data):
@@ -227,7 +383,8 @@ def _jpeg_scans(data):
 
 def _gif_comment_bytes(data):
     """The size of every comment extension in a GIF, walking its blocks
-    (each sub-block is at most 255 bytes, so this is linear in the file)."""
+    (each sub-block is at most 255 bytes, so this is linear in the file).
+    Raises BadImage at a byte that starts no block."""
     if len(data) < 13:
         return 0
     position = 13
@@ -245,13 +402,58 @@ def _gif_comment_bytes(data):
             position += 10 + ((3 << ((flags & 7) + 1)) if flags & 0x80 else 0) + 1
             label = None
         else:
-            break                              # damaged: Pillow will say so
+            # Pillow skips a byte it does not know and reads on: a walk that
+            # stopped here would let it read uncounted comments.
+            raise BadImage(f"the gif cannot be read: byte 0x{block:02x} at offset "
+                           f"{position} where a block should start")
         while position < len(data) and data[position]:       # sub-blocks
             if label == 0xFE:
                 comments += data[position]
             position += data[position] + 1
         position += 1
     return comments
+
+
+#: PNG chunks whose bodies Pillow inflates.
+_PNG_COMPRESSED = (b"iCCP", b"zTXt", b"iTXt")
+#: Ancillary chunks of an animated PNG's frames, bounded only by _MAX_PNG_CHUNKS.
+_PNG_FRAME_CHUNKS = (b"fcTL", b"fdAT")
+
+
+def _check_png_chunks(data):
+    """Walk every chunk of a PNG (Pillow reads those after the image data
+    too, when it decodes) and refuse what would have Pillow inflate
+    without bound: more than one iCCP (the PNG spec allows one), more than
+    MAX_PNG_METADATA_CHUNKS ancillary chunks, more than
+    MAX_PNG_COMPRESSED_METADATA bytes of iCCP, zTXt and iTXt, or a chunk
+    type that is not four letters (Pillow stops there, but the walk could
+    not vouch for what follows)."""
+    position, metadata, compressed, profiles = 8, 0, 0, 0
+    for _ in range(_MAX_PNG_CHUNKS):
+        if position + 8 > len(data):
+            return                              # truncated: Pillow cannot read on either
+        length = int.from_bytes(data[position:position + 4], "big")
+        kind = bytes(data[position + 4:position + 8])
+        if not kind.isalpha() or not kind.isascii():
+            raise BadImage(f"the png cannot be read: no chunk type at offset {position}")
+        if kind == b"IEND":
+            return
+        if kind[0] > 0x5A and kind not in _PNG_FRAME_CHUNKS:       # ancillary
+            metadata += 1
+            if metadata > MAX_PNG_METADATA_CHUNKS:
+                raise BadImage(f"the png has more than {MAX_PNG_METADATA_CHUNKS} "
+                               "metadata chunks")
+        if kind == b"iCCP":
+            profiles += 1
+            if profiles > 1:
+                raise BadImage("the png has more than one iCCP (colour profile) chunk")
+        if kind in _PNG_COMPRESSED:
+            compressed += length
+            if compressed > MAX_PNG_COMPRESSED_METADATA:
+                raise BadImage("the png's compressed iCCP, zTXt and iTXt chunks hold more "
+                               f"than {MAX_PNG_COMPRESSED_METADATA} bytes")
+        position += 12 + length
+    raise BadImage(f"the png has more than {_MAX_PNG_CHUNKS} chunks")
 
 
 def _check_structure(fmt, data):
@@ -261,6 +463,8 @@ def _check_structure(fmt, data):
             and _jpeg_scans(data) > MAX_JPEG_SCANS:
         raise BadImage(f"the jpeg has more than {MAX_JPEG_SCANS} scans (progressive "
                        "JPEGs have about ten)")
+    if fmt == "png":
+        _check_png_chunks(data)
     if fmt == "gif":
         comments = _gif_comment_bytes(data)
         if comments > MAX_GIF_COMMENT_BYTES:
@@ -279,22 +483,41 @@ def _accepted_format(head, limits):
     return fmt
 
 
-def _open(source, limits):
+@contextlib.contextmanager
+def _opened(source, limits):
+    """_open, closing the image and the files opened for it at the end."""
+    with contextlib.ExitStack() as closing:
+        yield _open(source, limits, closing)
+
+
+def _open(source, limits, closing):
     """Open (not decode) the image -- bytes, or the path of a file -- and
-    check it against the limits."""
+    check it against the limits. Returns the format, the image, and for a
+    JPEG its Exif TIFF data (which Pillow is not given: see _KEPT_APP).
+    What is opened is closed by the ExitStack ``closing``."""
+    exif = None
     if isinstance(source, (bytes, bytearray)):
         fmt = _accepted_format(source, limits)
         _check_structure(fmt, source)
         file = io.BytesIO(source)
+        if fmt == "jpeg":
+            walk = _plain_jpeg(source)
+            head, exif = _jpeg_for_pillow(source, walk)
+            file = _Spliced(head, file, walk.scan)
     else:
         # A file is decoded as it is read: no copy of the whole upload in
         # memory beside its pixels (a fifth of the peak at the pixel cap).
         with open(source, "rb") as handle:
             fmt = _accepted_format(handle.read(16), limits)
-            if fmt in ("jpeg", "gif"):
+            if fmt in ("jpeg", "gif", "png"):
                 with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
                     _check_structure(fmt, mapped)
+                    if fmt == "jpeg":
+                        walk = _plain_jpeg(mapped)
+                        head, exif = _jpeg_for_pillow(mapped, walk)
         file = source
+        if fmt == "jpeg":
+            file = closing.enter_context(_Spliced(head, open(source, "rb"), walk.scan))
     try:
         image = Image.open(file, formats=[formats.BY_NAME[fmt].pillow])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
@@ -305,8 +528,9 @@ def _open(source, limits):
                        "an impossible size") from None
     except (SyntaxError, ValueError, OSError, EOFError) as error:
         raise BadImage(f"the {fmt} header cannot be read ({error})") from None
+    closing.callback(image.close)
     _check_size(fmt, *image.size, limits)
-    return fmt, image
+    return fmt, image, exif
 
 
 def _check_size(fmt, width, height, limits):
@@ -331,13 +555,13 @@ def identify(data, limits):
     """Format and size from the header alone, without decoding pixels.
     Raises UnsupportedFormat or BadImage."""
     if isinstance(data, (bytes, bytearray)) and _accepted_format(data, limits) == "jpeg":
-        header = _jpeg_header(data)
-        if header is not None and header.plain:
-            _check_structure("jpeg", data)
-            _check_size("jpeg", header.width, header.height, limits)
-            return ImageInfo("jpeg", header.width, header.height)
-    fmt, image = _open(data, limits)
-    with image:
+        # From the walk alone: Pillow would parse every APPn segment (MPF and
+        # Exif directories quadratically) to learn nothing more.
+        header = _plain_jpeg(data).header
+        _check_structure("jpeg", data)
+        _check_size("jpeg", header.width, header.height, limits)
+        return ImageInfo("jpeg", header.width, header.height)
+    with _opened(data, limits) as (fmt, image, _):
         return ImageInfo(fmt, *image.size)
 
 
@@ -488,26 +712,30 @@ def render(source, renditions, limits, progress=lambda: None):
     from a hung one.
     """
     _check_renditions(renditions)
-    fmt, image = _open(source, limits)
-    try:
-        return _render(fmt, image, renditions, progress)
-    except (BadImage, UnsupportedFormat):
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning):
-        raise BadImage(f"the image has more than {limits.max_pixels} pixels") from None
-    except MemoryError:
-        raise BadImage(f"rendering it needs more than {limits.max_render_bytes >> 20} MiB "
-                       "([worker] max_render_memory)") from None
-    except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as error:
-        if isinstance(error, OSError) and error.errno is not None:
-            raise   # the file could not be read (EIO, ...): not the image's fault
-        raise BadImage(f"the {fmt} data cannot be decoded ({error})") from None
-    finally:
-        image.close()
+    with _opened(source, limits) as (fmt, image, exif):
+        try:
+            return _render(fmt, image, renditions, progress, exif)
+        except (BadImage, UnsupportedFormat):
+            raise
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise BadImage(f"the image has more than {limits.max_pixels} pixels") from None
+        except MemoryError:
+            raise BadImage(f"rendering it needs more than {limits.max_render_bytes >> 20} MiB "
+                           "([worker] max_render_memory)") from None
+        except (OSError, SyntaxError, ValueError, EOFError, IndexError, struct.error) as error:
+            if isinstance(error, OSError) and error.errno is not None:
+                raise   # the file could not be read (EIO, ...): not the image's fault
+            raise BadImage(f"the {fmt} data cannot be decoded ({error})") from None
 
 
-def _render(fmt, image, renditions, progress):
-    orientation = image.getexif().get(_EXIF_ORIENTATION, 1) if fmt in ("jpeg", "webp", "png") else 1
+def _render(fmt, image, renditions, progress, exif):
+    # Orientation from a bounded read of the Exif data, never Pillow's whole
+    # parse of it (quadratic in crafted directories). A PNG's eXIf chunk may
+    # follow its pixels; Pillow's getexif() loads them to find it, as here.
+    if fmt == "png" and "exif" not in image.info:
+        image.load()
+    orientation = _exif_orientation(exif if fmt == "jpeg" else image.info.get("exif")) \
+        if fmt in ("jpeg", "webp", "png") else 1
     transpose = _UPRIGHT.get(orientation)
     sideways = orientation in (5, 6, 7, 8)
     width, height = image.size

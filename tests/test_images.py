@@ -1,4 +1,5 @@
 import io
+import random
 import time
 
 import pytest
@@ -319,7 +320,7 @@ def test_a_jpegs_size_from_its_header_walk_is_what_pillow_reads(make):
     assert images.identify(data, LIMITS) == images.ImageInfo("jpeg", *image.size)
 
 
-def test_a_jpeg_header_the_walk_cannot_vouch_for_is_read_by_pillow():
+def test_a_jpeg_header_the_walk_cannot_vouch_for_is_refused():
     data = bytearray(samples.jpeg(64, 48))
     sof = data.index(b"\xff\xc0")
     data[sof + 9] = 2                           # two components: Pillow refuses
@@ -367,3 +368,149 @@ def test_png_text_chunks_cannot_inflate_past_a_few_megabytes():
     finally:
         tracemalloc.stop()
     assert peak < 8 << 20, f"identify peaked at {peak >> 20} MiB"    # was +65 MiB
+
+
+# -- issue 22: what the header walks cannot vouch for is refused, in bounded cost -----
+
+def refused(data, match, seconds=0.5, mebibytes=8):
+    """Assert identify refuses ``data`` with a BadImage matching ``match``,
+    within ``seconds`` and ``mebibytes`` of Python allocations (measured in
+    a second call: tracing slows a walk's loop several times over)."""
+    import tracemalloc
+    started = time.perf_counter()
+    with pytest.raises(images.BadImage, match=match):
+        images.identify(data, LIMITS)
+    took = time.perf_counter() - started
+    assert took < seconds, f"identify took {took:.2f} s"
+    tracemalloc.start()
+    try:
+        with pytest.raises(images.BadImage, match=match):
+            images.identify(data, LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < mebibytes << 20, f"identify peaked at {peak >> 20} MiB"
+
+
+def jpeg_segment_ends(data):
+    """Offsets where each JPEG segment before the first scan ends."""
+    ends, position = [], 2
+    while data[position + 1] != 0xDA:
+        position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+        ends.append(position)
+    return ends
+
+
+@pytest.mark.parametrize("make", [samples.mpf_bomb, lambda: samples.exif_bomb(stray=True)],
+                         ids=["APP2 MPF", "APP1 Exif"])
+def test_a_jpeg_metadata_directory_behind_a_stray_byte_is_refused_not_parsed(make):
+    # Before: the walk gave up, Pillow skipped the byte and parsed the
+    # directory (Pillow 9.4: 36 s and 3.5 GB for MPF, 1.2 s and 360 MB for Exif)
+    refused(make(), r"jpeg header cannot be read: byte 0x00 at offset \d+ where a marker")
+
+
+@pytest.mark.parametrize("junk", [b"\x00", b"\x42", b"\xff\x00", b"\xff\xff\x00"])
+def test_a_byte_that_starts_no_segment_anywhere_before_the_scan_is_refused(junk):
+    data = samples.marked_jpeg(64, 48, 6)
+    for end in jpeg_segment_ends(data):
+        refused(data[:end] + junk + data[end:], "jpeg header cannot be read")
+
+
+@pytest.mark.parametrize("make", [samples.exif_bomb, lambda: samples.mpf_bomb(stray=False)],
+                         ids=["APP1 Exif", "APP2 MPF"])
+def test_jpeg_metadata_directories_cost_nothing_to_identify_or_render(make, tmp_path):
+    # Given a JPEG whose header walk vouches for it, but whose Exif or MPF
+    # directory Pillow parses quadratically (before: 1.2 s and 360 MB to
+    # render the Exif one, 73 s and 3.5 GB the MPF one, with Pillow 9.4)
+    import tracemalloc
+    path = tmp_path / "original"
+    path.write_bytes(make())
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        # When it is identified and rendered
+        assert images.identify(path.read_bytes(), LIMITS) == images.ImageInfo("jpeg", 8, 8)
+        outputs = images.render(str(path), DEFAULT_RENDITIONS, LIMITS)
+        took, (_, peak) = time.perf_counter() - started, tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Then the directory is never parsed
+    assert [decoded(output).size for output in outputs] == [(8, 8)] * 3
+    assert took < 0.5 and peak < 8 << 20, (took, peak >> 20)
+
+
+def test_the_icc_profile_and_orientation_survive_the_metadata_pillow_is_not_given(monkeypatch):
+    # Given a JPEG with XMP, a comment, an ICC profile and EXIF orientation 6
+    profile = srgb_profile()
+    exif = Image.open(io.BytesIO(samples.marked_jpeg(8, 8, 6))).info["exif"]
+    image = Image.new("RGB", (400, 200), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 200, 100))
+    data = samples.encode(image, "JPEG", quality=95, exif=exif, icc_profile=profile,
+                          comment=b"a comment")
+    data = data[:2] + samples._jpeg_segment(0xE1, b"http://ns.adobe.com/xap/1.0/\x00<x/>") + data[2:]
+    seen = []
+    original = images._ToSrgb.__init__
+    monkeypatch.setattr(images._ToSrgb, "__init__",
+                        lambda self, icc: seen.append(icc) or original(self, icc))
+    # When it is rendered
+    (output,) = images.render(data, [rendition("400x400 fit png 100")], LIMITS)
+    # Then its profile was used, and it stands upright (red top-right)
+    assert seen == [profile]
+    result = decoded(output).convert("RGB")
+    assert result.size == (200, 400)
+    assert result.getpixel((199, 0))[0] > 200 and result.getpixel((0, 399))[2] > 200
+    assert_no_metadata(output.data)
+
+
+@pytest.mark.parametrize("order", ["<", ">"])
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_the_orientation_read_from_exif_is_what_pillow_reads(order, orientation):
+    import struct
+    entries = [(0x010F, 2, 4, b"Cam\x00"), (0x0112, 3, 1, struct.pack(order + "HH", orientation, 0))]
+    tiff = ((b"II" if order == "<" else b"MM") + struct.pack(order + "HIH", 42, 8, len(entries))
+            + b"".join(struct.pack(order + "HHI", tag, kind, count) + value
+                       for tag, kind, count, value in entries) + b"\x00" * 4)
+    data = samples.encode(Image.new("RGB", (8, 8)), "JPEG", exif=b"Exif\x00\x00" + tiff)
+    assert images._exif_orientation(tiff) == orientation
+    assert Image.open(io.BytesIO(data)).getexif()[0x0112] == orientation
+
+
+@pytest.mark.parametrize("make", [
+    lambda: samples.gif_comment_bypass(4 << 20),
+    lambda: samples.gif_comment_bypass(4 << 20, junk_after=True),
+    lambda: samples.gif_comment_bypass(4 << 20, junk=b"\x99"),
+    lambda: samples.gif_comment_bypass(64 << 10, block=1),
+], ids=["junk before", "junk after", "other junk", "one-byte blocks"])
+def test_a_gif_with_a_byte_that_starts_no_block_is_refused_whatever_follows(make):
+    # Before: the walk stopped counting at the byte, Pillow skipped it and
+    # joined the comments (Pillow 9.4: 5.8 s for 4 MiB)
+    refused(make(), r"the gif cannot be read: byte 0x[0-9a-f]{2} at offset \d+ where a block")
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: samples.png_iccp_flood(300), "more than one iCCP"),
+    (lambda: samples.png_iccp_flood(2), "more than one iCCP"),
+    (lambda: samples.png_chunk_flood(2000, b"zTXt", 1000), "more than 64 metadata chunks"),
+    (lambda: samples.png_chunk_flood(2000, b"iTXt", 1000), "more than 64 metadata chunks"),
+    (lambda: samples.png_chunk_flood(65, b"tEXt"), "more than 64 metadata chunks"),
+    (lambda: samples.png_chunk_flood(1, b"zTXt", payload=random.Random(22).randbytes(5 << 19)),
+     "hold more than 2097152 bytes"),
+], ids=["300 iCCP", "2 iCCP", "2000 zTXt", "2000 iTXt", "65 tEXt", "2.5 MB of zTXt"])
+def test_png_metadata_chunk_floods_are_refused_from_the_chunks(make, match):
+    # Before: each chunk inflated to Pillow's cap, however many there were
+    # (Pillow 9.4: 2,000 iCCP chunks, 2 MB, took 17.7 s to identify)
+    refused(make(), match)
+
+
+def test_a_png_with_a_profile_text_and_exif_is_still_identified_and_rendered():
+    from PIL.PngImagePlugin import PngInfo
+    info = PngInfo()
+    for i in range(8):
+        info.add_text(f"k{i}", "x" * 1000, zip=i % 2 == 0)
+    exif = Image.Exif()
+    exif[samples.ORIENTATION] = 6
+    data = samples.encode(samples.photo(64, 48), "PNG", pnginfo=info, icc_profile=srgb_profile(),
+                          exif=exif.tobytes())
+    assert images.identify(data, LIMITS) == images.ImageInfo("png", 64, 48)
+    (output,) = images.render(data, [rendition("64x64 fit png 100")], LIMITS)
+    assert (output.width, output.height) == (48, 64)
