@@ -12,15 +12,20 @@ of the stack's capacity the API's own work takes.
 """
 
 import json
+import os
 import uuid
 
+from imgworker import config
 from imgworker.api import _read_length
+
+#: The shipped API's wait for a body that stops arriving.
+BODY_TIMEOUT = config.load(os.devnull).api.body_timeout
 
 
 def app():
     def application(environ, start_response):
         length = int(environ.get("CONTENT_LENGTH") or 0)
-        _read_length(environ["wsgi.input"], length)
+        _read_length(environ, length, BODY_TIMEOUT)
         body = json.dumps({"id": uuid.uuid4().hex}).encode()
         start_response("202 Accepted", [("Content-Type", "application/json"),
                                          ("Content-Length", str(len(body)))])

@@ -12,7 +12,9 @@
 Every error is JSON ``{"error": "..."}`` with a status a client can act on:
 400 malformed, 413 too large, 415 not an accepted image, 422 over the size
 limits or an unreadable header, 503 + Retry-After when the broker cannot take
-the job, 507 when storage is full. Bad input never gets a 5xx.
+the job or this process holds [api] max_body_memory of bodies already, 507
+when storage is full; to a client reaching the API without nginx, 411 for a
+chunked body and 408 for one that stops arriving. Bad input never gets a 5xx.
 """
 
 import io
@@ -94,54 +96,113 @@ def _respond(environ, start_response, response):
     return body
 
 
-def _read_length(stream, length):
-    """``length`` bytes of a request body (bytes or a bytearray).
+#: What one recv_into() takes at most: a socket buffer's worth or so. The
+#: body grows by what arrives, never by what the client declared.
+_READ_CHUNK = 256 << 10
+
+
+class _BodyTimeout(Exception):
+    """The client sent nothing of its body for [api] body_timeout seconds."""
+
+
+def _read_length(environ, length, timeout, keep=True):
+    """``length`` bytes of a request body (bytes or a bytearray), or, with
+    ``keep`` false, that many read and dropped (None). Raises _BodyTimeout.
 
     gunicorn up to at least 23 (Debian 12 ships 20.1, Debian 13 23.0) reads
     a body 1 KiB at a time, copying the rest of each received 8 KiB chunk
     back into a buffer on every turn: work that grows with the body, and for
     a photo-sized upload more than all the rest costs the API (the bench's
-    "Ingest" section has the figures). Its body object keeps the length-bounded reader as
-    ``.reader``; while nothing is buffered in front of it, the body is taken
-    from the socket reader under that (_read_from_socket), else from the
+    "Ingest" section has the figures). It also waits for a body with no
+    timeout. Its body object keeps the length-bounded reader as ``.reader``;
+    while nothing is buffered in front of it, the body is taken from the
+    socket reader under that (_read_from_socket), else from the
     length-bounded reader at once. Any other server, or a gunicorn without
-    those attributes, gets the plain read().
+    those attributes, gets the plain read(), and its own timeouts.
     """
+    stream = environ["wsgi.input"]
     reader, buffered = getattr(stream, "reader", None), getattr(stream, "buf", None)
     if (type(stream).__module__ == "gunicorn.http.body" and hasattr(reader, "read")
             and buffered is not None and buffered.tell() == 0):
-        body = _read_from_socket(reader, length)
-        return body if body is not None else reader.read(length)
-    return stream.read(length)
+        body = _read_from_socket(reader, length, timeout, keep)
+        if body is not False:
+            return body
+        stream = reader
+    if keep:
+        return stream.read(length)
+    while length > 0 and (chunk := stream.read(min(length, _READ_CHUNK))):
+        length -= len(chunk)
+    return None
 
 
-def _read_from_socket(reader, length):
-    """The body straight from the connection's socket into one buffer: what
-    gunicorn already read past the headers, then recv_into() for the rest.
-    gunicorn 20.1 and 23 recv() it 8 KiB at a time, each chunk copied twice,
-    so a photo-sized upload is many calls and copies where one recv_into()
-    per received chunk will do. None unless gunicorn's reader is the one this knows: a
-    LengthReader for exactly ``length`` over a SocketUnreader."""
+def _read_from_socket(reader, length, timeout, keep):
+    """The body straight from the connection's socket: what gunicorn already
+    read past the headers, then recv_into() for the rest, each wait at most
+    ``timeout`` seconds. gunicorn 20.1 and 23 recv() it 8 KiB at a time,
+    each chunk copied twice, so a photo-sized upload is many calls and
+    copies where one recv_into() per received chunk will do. The body grows
+    as data arrives: a client that declares 25 MiB and sends one byte costs
+    one chunk, not 25 MiB. On a timeout the connection is shut for reading,
+    so gunicorn, which would wait for the rest of the body with no timeout
+    to skip it, finds its end at once and closes. False unless gunicorn's
+    reader is the one this knows: a LengthReader for exactly ``length`` over
+    a SocketUnreader."""
     unreader = getattr(reader, "unreader", None)
+    sock = getattr(unreader, "sock", None)
     if (type(reader).__name__ != "LengthReader" or getattr(reader, "length", None) != length
             or type(unreader).__name__ != "SocketUnreader"
             or not isinstance(getattr(unreader, "buf", None), io.BytesIO)
-            or not isinstance(getattr(unreader, "sock", None), socket.socket)):
-        return None
+            or not isinstance(sock, socket.socket)):
+        return False
     held = unreader.buf.getvalue()
     unreader.buf = io.BytesIO()
-    body = bytearray(length)
     received = min(len(held), length)
-    body[:received] = held[:received]
+    body = bytearray(held[:received]) if keep else None
     unreader.buf.write(held[received:])       # a pipelined next request
-    view = memoryview(body)
-    while received < length:
-        count = unreader.sock.recv_into(view[received:], length - received)
-        if not count:
-            break                             # the client gave up: a short body
-        received += count
+    scratch = memoryview(bytearray(min(_READ_CHUNK, length - received)))
+    sock.settimeout(timeout)
+    try:
+        while received < length:
+            count = sock.recv_into(scratch, min(len(scratch), length - received))
+            if not count:
+                break                         # the client gave up: a short body
+            if keep:
+                body += scratch[:count]
+            received += count
+    except (TimeoutError, ConnectionError):
+        reader.length = 0
+        try:
+            sock.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+        raise _BodyTimeout() from None
+    finally:
+        sock.settimeout(None)
     reader.length -= received
-    return body if received == length else body[:received]
+    return body
+
+
+class _Budget:
+    """The body bytes one process holds at once ([api] max_body_memory): an
+    upload is admitted on its declared length before its body is read, and
+    returns its share once answered. One upload is always admitted when
+    nothing else is in flight, so the largest legal one always fits."""
+
+    def __init__(self, limit):
+        self.limit = limit
+        self._held = 0
+        self._lock = threading.Lock()
+
+    def take(self, size):
+        with self._lock:
+            if self._held and self._held + size > self.limit:
+                return False
+            self._held += size
+            return True
+
+    def give(self, size):
+        with self._lock:
+            self._held -= size
 
 
 class Api:
@@ -156,6 +217,7 @@ class Api:
         self.limits = images.Limits.from_config(config)
         self._publisher_lock = threading.Lock()
         self._publisher, self._publisher_pid = None, None
+        self._bodies = _Budget(config.api.max_body_memory << 20)
 
     @property
     def publisher(self):
@@ -198,36 +260,60 @@ class Api:
                          [("Retry-After", str(self.config.api.retry_after))])
 
     # -- POST /upload -----------------------------------------------------------
-    def _read_body(self, environ):
+    def _declared_length(self, environ):
+        """The body's Content-Length, checked before any of it is read.
+        A chunked body has none: nginx always sends one (it buffers the
+        body first), so only a client reaching the API directly sends
+        chunked, and gets 411."""
         limit = self.config.api.max_upload_bytes
         declared = environ.get("CONTENT_LENGTH") or ""
-        if declared:
-            try:
-                length = int(declared)
-            except ValueError:
-                raise HTTPError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
-            if length > limit:
-                raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the upload is {length} bytes; at most {limit} are accepted")
-            body = _read_length(environ["wsgi.input"], length)
-        else:  # chunked: read one byte past the limit to tell
-            body = environ["wsgi.input"].read(limit + 1)
-            if len(body) > limit:
-                raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the upload is over {limit} bytes")
-        return body
+        if not declared:
+            raise HTTPError(HTTPStatus.LENGTH_REQUIRED, "send the upload with a Content-Length")
+        try:
+            length = int(declared)
+        except ValueError:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "Content-Length is not a number") from None
+        if length > limit:
+            raise HTTPError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"the upload is {length} bytes; at most {limit} are accepted")
+        return length
+
+    def _read_body(self, environ, length, keep=True):
+        try:
+            return _read_length(environ, length, self.config.api.body_timeout, keep)
+        except _BodyTimeout:
+            raise HTTPError(HTTPStatus.REQUEST_TIMEOUT, "the upload's body stopped arriving for "
+                            f"{self.config.api.body_timeout:g} s") from None
 
     @staticmethod
     def _file_from_multipart(content_type, body):
+        """The field's bytes: the body itself, cut to them in place (no
+        copy of the upload beside it)."""
         # The client's file name is ignored: ids and paths are ours.
         try:
-            return multipart.form_field(body, content_type, "file")
+            start, end = multipart.field_bounds(body, content_type, "file")
         except multipart.MalformedMultipart as error:
             raise HTTPError(HTTPStatus.BAD_REQUEST, f"the multipart/form-data body is malformed: {error}") from None
         except LookupError as error:
             raise HTTPError(HTTPStatus.BAD_REQUEST, "send exactly one form field named 'file' "
                                  f"(this request has {error.args[0]})") from None
+        if not isinstance(body, bytearray):
+            return body[start:end]
+        del body[end:]
+        del body[:start]        # a bytearray drops its head without moving the rest
+        return body
 
     def upload(self, environ):
-        body = self._read_body(environ)
+        length = self._declared_length(environ)
+        if not self._bodies.take(length):
+            self._read_body(environ, length, keep=False)    # the connection stays usable
+            raise self._unavailable(f"this API process has {self.config.api.max_body_memory} MiB "
+                                    "of uploads in flight ([api] max_body_memory); try again")
+        try:
+            return self._accept(environ, self._read_body(environ, length))
+        finally:
+            self._bodies.give(length)
+
+    def _accept(self, environ, body):
         content_type = environ.get("CONTENT_TYPE", "")
         if content_type.lower().startswith("multipart/"):
             data = self._file_from_multipart(content_type, body)

@@ -189,6 +189,21 @@ SCHEMA = {
                           "Uploads each API process handles at once. The uploads stored "
                           "at once share one sync of the storage, and their messages "
                           "one wait for the broker's confirms, instead of queueing."),
+        "max_body_memory": Option("100", _positive_int,
+                                  "Mebibytes of upload bodies one API process holds at once. "
+                                  "An upload that would go past it is answered 503 with "
+                                  "Retry-After before its body is read (one upload is always "
+                                  "taken), so 32 large uploads at once cannot outgrow the "
+                                  "memory limit. imgworker-api.service's MemoryMax must hold "
+                                  "workers x (this + what a process needs besides) "
+                                  "('imgworker check-config' warns, and prints the drop-in "
+                                  "that fixes it)."),
+        "body_timeout": Option("30", _seconds,
+                               "Seconds the API waits for more of an upload's body before it "
+                               "answers 408 and closes the connection, freeing the thread. "
+                               "nginx cuts off its clients after the same 30 s "
+                               "(client_body_timeout) and hands the API whole bodies, so "
+                               "this only stops a client that reaches the API directly."),
         "max_upload_bytes": Option("26214400", _positive_int,
                                    "Largest accepted upload body in bytes (413 above); nginx's "
                                    "client_max_body_size must match."),

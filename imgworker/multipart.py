@@ -104,10 +104,18 @@ def _parts(body, content_type):
         position = data_end + 2 + len(delimiter)
 
 
-def form_field(body, content_type, name):
-    """The bytes of the one field called ``name``. Raises
-    MalformedMultipart, or LookupError(count) unless exactly one exists."""
+def field_bounds(body, content_type, name):
+    """(start, end): the one field called ``name`` is body[start:end], for a
+    caller that cuts the body to it in place instead of copying it out.
+    Raises MalformedMultipart, or LookupError(count) unless exactly one
+    exists."""
     matching = [part for part in _parts(body, content_type) if part.name == name]
     if len(matching) != 1:
         raise LookupError(len(matching))
-    return body[matching[0].start:matching[0].end]
+    return matching[0].start, matching[0].end
+
+
+def form_field(body, content_type, name):
+    """The bytes of the one field called ``name`` (see field_bounds)."""
+    start, end = field_bounds(body, content_type, name)
+    return body[start:end]

@@ -1,6 +1,7 @@
 """Runs the API under gunicorn (Debian's python3-gunicorn), configured from
 config.ini rather than gunicorn's own flags, so one file configures it all."""
 
+import ipaddress
 import logging
 import time
 
@@ -85,7 +86,18 @@ def wait_for_broker(config, notifier, should_stop=lambda: False):
         delay = min(delay * 2, 30.0)
 
 
+def _warn_unless_loopback(listen):
+    """Only nginx should reach the API: it holds slow clients off and
+    buffers bodies. Say so in the journal when the API listens further."""
+    host = listen.rpartition(":")[0].strip("[]")    # HOST:PORT, checked by config
+    if host != "localhost" and not ipaddress.ip_address(host).is_loopback:
+        logger.warning("[api] listen = %s is not a loopback address: clients can reach the "
+                       "API without nginx, which limits their bodies and their time. Listen "
+                       "on 127.0.0.1 and let nginx face the network.", listen)
+
+
 def run(config, notifier):
+    _warn_unless_loopback(config.api.listen)
     wait_for_broker(config, notifier)
     logger.info("Broker reachable; starting the API on %s.", config.api.listen)
     ApiServer(config, notifier).run()

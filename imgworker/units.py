@@ -40,6 +40,12 @@ WORKER_OWN_MEMORY_MIB = 256
 #: finish the uploads in flight, then kills them.
 API_GRACEFUL_TIMEOUT = 30
 
+#: An API process besides the upload bodies it holds ([api]
+#: max_body_memory): Python, pika, Pillow, a request's small buffers. The
+#: arbiter needs about as much. tests/faults/test_api_memory.py measures
+#: 32 maximum-size uploads at once against the sum.
+API_OWN_MEMORY_MIB = 96
+
 #: What the arbiter needs after graceful_timeout: kill its workers, reap
 #: them, exit.
 API_STOP_MARGIN = 10
@@ -78,6 +84,12 @@ PAIRS = (
          f"gunicorn's graceful_timeout ({API_GRACEFUL_TIMEOUT} s) + {API_STOP_MARGIN} s",
          lambda config: API_GRACEFUL_TIMEOUT + API_STOP_MARGIN,
          "a stop SIGKILLs the API while it still finishes uploads in flight"),
+    Pair("imgworker-api.service", "MemoryMax", (("api", "workers"), ("api", "max_body_memory")),
+         f"workers x (max_body_memory + {API_OWN_MEMORY_MIB} MiB), and {API_OWN_MEMORY_MIB} MiB "
+         "for the arbiter",
+         lambda config: (config.api.workers * (config.api.max_body_memory + API_OWN_MEMORY_MIB)
+                         + API_OWN_MEMORY_MIB) << 20,
+         "legal uploads meet the OOM killer, which ends an API process and every upload on it"),
 )
 
 

@@ -52,6 +52,7 @@ def test_the_units_give_every_option_at_its_default_what_it_needs():
         ("imgworker@.service", "MemoryMax"): (("worker", "max_render_memory"),),
         ("imgworker-webhook.service", "TimeoutStopSec"): (("webhook", "timeout"),),
         ("imgworker-api.service", "TimeoutStopSec"): (),
+        ("imgworker-api.service", "MemoryMax"): (("api", "workers"), ("api", "max_body_memory")),
     }
     for pair in units.PAIRS:
         text = shipped("systemd", pair.unit)

@@ -49,15 +49,24 @@ def test_a_job_timeout_past_the_workers_stop_timeout_warns_with_the_drop_in_that
     assert "'systemctl edit imgworker@.service', add '[Service]' and 'TimeoutStopSec=630s'" in warning
 
 
-def test_a_render_memory_past_the_workers_memory_max_warns_with_the_drop_in_that_fixes_it(
-        shipped_units, tmp_path, capsys):
-    status, _out, warnings = check_config(tmp_path, capsys, "[worker]\nmax_render_memory = 2048\n")
+@pytest.mark.parametrize("options, needs, unit, least", [
+    # one render of 2 GiB, plus the worker's own 256 MiB
+    ("[worker]\nmax_render_memory = 2048\n", "[worker] max_render_memory = 2048",
+     "imgworker@.service", "2304M"),
+    # 8 API processes, each holding up to 100 MiB of bodies: 8 x (100 + 96) + 96 MiB
+    ("[api]\nworkers = 8\n", "[api] workers = 8 and [api] max_body_memory = 100",
+     "imgworker-api.service", "1664M"),
+])
+def test_an_option_past_its_units_memory_max_warns_with_the_drop_in_that_fixes_it(
+        shipped_units, tmp_path, capsys, options, needs, unit, least):
+    # Given the option raised, under the unit's shipped MemoryMax=1G
+    status, _out, warnings = check_config(tmp_path, capsys, options)
+    # Then check-config says what the unit needs, and how to give it
     assert status == 0
     (warning,) = warnings
-    assert "[worker] max_render_memory = 2048 needs MemoryMax=2304M or more on imgworker@.service" \
-        in warning
+    assert f"{needs} needs MemoryMax={least} or more on {unit}" in warning
     assert "which has MemoryMax=1G" in warning
-    assert "'systemctl edit imgworker@.service', add '[Service]' and 'MemoryMax=2304M'" in warning
+    assert f"'systemctl edit {unit}', add '[Service]' and 'MemoryMax={least}'" in warning
 
 
 def test_a_webhook_timeout_past_the_senders_stop_timeout_warns(shipped_units, tmp_path, capsys):

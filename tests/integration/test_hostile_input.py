@@ -10,6 +10,7 @@ request through /proc/PID/clear_refs, so this needs root (CI runs as root).
 """
 
 import os
+import re
 import time
 
 import pytest
@@ -76,6 +77,15 @@ def hostile_requests():
         "4. 90-byte WebP decoding to 16383x3051": (webp_bomb(), "image/webp", 422, 2, 20),
         "5. JPEG with 2,000 scans": (samples.many_scans_jpeg(2000), "image/jpeg", 422, 2, 20),
         "6. JPEG with a 4 MB <html> ICC profile": (icc_payload_jpeg(), "image/jpeg", 202, 5, 60),
+        # issue 22. Pillow parsed the MPF directory: 1.47 GB and 4.4 s, then a 202
+        "22.1 MPF directory behind a stray byte": (samples.mpf_bomb(), "image/jpeg", 422, 2, 20),
+        # 350-380 MB in the renderer (which must now render it at once)
+        "22.1 Exif directory, walk vouches": (samples.exif_bomb(), "image/jpeg", 202, 2, 20),
+        # 5.7 s, then a 202
+        "22.2 GIF comment behind an unknown byte": (samples.gif_comment_bypass(4 * MIB), "image/gif",
+                                                    422, 2, 40),
+        # ~0.6 s of CPU per MiB
+        "22.3 PNG with 2,000 iCCP chunks": (samples.png_iccp_flood(2000), "image/png", 422, 2, 20),
     }
 
 
@@ -132,6 +142,49 @@ def test_every_hostile_request_is_answered_in_bounded_time_and_memory(make_pipel
     assert "Traceback" not in api.log()
 
 
+def test_what_the_header_walks_cannot_vouch_for_is_refused_before_anything_is_stored(make_pipeline):
+    # Given an API (no worker: a queued job would stay in the queue)
+    pipeline = make_pipeline()
+    pipeline.start_api()
+    # When each of issue 22's refused inputs is uploaded
+    cases = {
+        "22.1 MPF": (samples.mpf_bomb(), r"^the jpeg header cannot be read: byte 0x00 at offset 65532 "),
+        "22.1 Exif": (samples.exif_bomb(stray=True), r"^the jpeg header cannot be read: byte 0x00 "),
+        "22.2 GIF": (samples.gif_comment_bypass(4 * MIB), r"^the gif cannot be read: byte 0x00 at "),
+        "22.3 iCCP": (samples.png_iccp_flood(2000), r"^the png has more than one iCCP"),
+        "22.3 zTXt": (samples.png_chunk_flood(2000, b"zTXt", 1000), r"^the png has more than 64 "),
+    }
+    for name, (data, reason) in cases.items():
+        started = time.monotonic()
+        response = requests.post(pipeline.base_url + "/upload", data=data, timeout=60)
+        took = time.monotonic() - started
+        # Then each is refused at once, saying why
+        assert response.status_code == 422, (name, response.status_code, response.text)
+        assert re.search(reason, response.json()["error"]), (name, response.json())
+        assert took < 2, (name, took)
+    # and nothing was stored or queued
+    assert pipeline.stored_originals() == [] and pipeline.stored_jobs() == []
+    assert pipeline.queue_depth() == 0
+
+
+def test_a_jpeg_whose_metadata_directory_pillow_parses_quadratically_renders_at_once(make_pipeline):
+    # Given a worker, and JPEGs whose header walk vouches for them but whose
+    # Exif or MPF directory Pillow 9.4 parsed for 1.2 s and 360 MB, or 73 s
+    # and 3.5 GB, in the renderer
+    pipeline = make_pipeline()
+    pipeline.start_api()
+    worker = pipeline.start_worker()
+    for data in (samples.exif_bomb(), samples.mpf_bomb(stray=False)):
+        # When each is uploaded
+        started = time.monotonic()
+        job = pipeline.wait_job(pipeline.upload(data=data).json()["id"], timeout=30)
+        # Then its renditions are made at the first attempt, without the directory
+        assert job["state"] == "done" and job["attempts"] == 1, job
+        assert time.monotonic() - started < 5
+        assert {(r["width"], r["height"]) for r in job["renditions"].values()} == {(8, 8)}
+    assert worker.process.poll() is None
+
+
 def test_an_image_that_needs_more_than_max_render_memory_fails_in_one_attempt(make_pipeline):
     # Given a worker whose renders may use 128 MiB, and an image that is small
     # on the wire but needs ~150 MB of pixels (8000x6000, one colour)
@@ -149,3 +202,88 @@ def test_an_image_that_needs_more_than_max_render_memory_fails_in_one_attempt(ma
     assert pipeline.dead_letters() == [(job["id"], "rejected")]
     assert worker.process.poll() is None
     assert pipeline.wait_job(pipeline.upload(samples.jpeg(800, 600)).json()["id"])["state"] == "done"
+
+
+# -- finding 8: the API reached without nginx ----------------------------------
+
+def post_head(port, head_extra, body=b""):
+    """A socket straight to the API that has sent POST /upload's head and
+    ``body``, and no more."""
+    import socket   # (the imports above are another finding's part of this file)
+    connection = socket.create_connection(("127.0.0.1", port), timeout=30)
+    connection.sendall(b"POST /upload HTTP/1.1\r\nHost: imgworker\r\nContent-Type: image/jpeg\r\n"
+                       + head_extra + b"\r\n" + body)
+    return connection
+
+
+def answer_or_close(connection):
+    """The status line the API answers with, or b"" if it closes first."""
+    try:
+        return connection.recv(65536).split(b"\r\n", 1)[0]
+    except ConnectionResetError:
+        return b""
+
+
+def test_bodies_that_stop_arriving_cost_no_memory_and_hold_no_thread_past_body_timeout(make_pipeline):
+    # Given the API reached directly (1 process, 8 threads), giving up on a
+    # body after 2 s
+    pipeline = make_pipeline(api={"body_timeout": "2"})
+    api = pipeline.start_api()
+    (process,) = children(api.process.pid)
+    assert pipeline.upload(samples.jpeg(64, 64)).status_code == 202
+    with open(f"/proc/{process}/clear_refs", "w") as handle:
+        handle.write("5")
+    before = peak_rss(process)
+    # When 32 clients declare 25 MiB each and send one byte
+    started = time.monotonic()
+    stalled = [post_head(pipeline.port, b"Content-Length: %d\r\n" % (25 * MIB), b"\xff")
+               for _ in range(32)]
+    time.sleep(1)
+    # Then the API's memory did not grow by their declared bodies (before:
+    # 25 MiB allocated and zeroed per connection, 300 MB for 12)
+    assert peak_rss(process) - before < 25 * MIB
+    # ... each is answered (408, or 503 past max_body_memory) or closed once
+    # its body stops for 2 s, freeing its thread
+    answers = [answer_or_close(connection) for connection in stalled]
+    assert all(answer[9:12] in (b"", b"408", b"503") for answer in answers), answers
+    assert time.monotonic() - started < 20
+    for connection in stalled:
+        connection.close()
+    # ... and a normal upload is accepted
+    response = requests.post(pipeline.base_url + "/upload", data=samples.jpeg(640, 480), timeout=20)
+    assert response.status_code == 202
+    assert api.process.poll() is None and children(api.process.pid) == [process]
+
+
+def peak_rss(pid):
+    with open(f"/proc/{pid}/status") as handle:
+        fields = dict(line.split(":", 1) for line in handle)
+    return int(fields["VmHWM"].split()[0]) * 1024
+
+
+def test_a_chunked_body_sent_to_the_api_directly_gets_411(pipeline):
+    # Given the API reached directly (nginx always sends a Content-Length)
+    pipeline.start_api()
+    # When a body comes chunked, with no length
+    with post_head(pipeline.port, b"Transfer-Encoding: chunked\r\n", b"1\r\n\xff\r\n0\r\n\r\n") \
+            as connection:
+        answer = connection.recv(65536)
+        while not answer.endswith(b"}\n"):
+            answer += connection.recv(65536)
+    # Then it is refused, saying why
+    assert answer.startswith(b"HTTP/1.1 411 "), answer
+    assert b'{"error": "send the upload with a Content-Length"}' in answer
+
+
+def test_the_api_warns_at_start_when_it_listens_beyond_loopback(make_pipeline):
+    # Given [api] listen on every address (the test still talks to loopback)
+    from harness.pipeline import free_port
+    port = free_port()
+    pipeline = make_pipeline(api={"listen": f"0.0.0.0:{port}"})
+    # When the API starts
+    api = pipeline.start_api()
+    # Then its log says so, and it answers
+    assert "[api] listen = 0.0.0.0:%d is not a loopback address" % port in api.log()
+    assert requests.get(f"http://127.0.0.1:{port}/healthz", timeout=10).status_code == 200
+    # ... which it does not say on loopback
+    assert "not a loopback address" not in make_pipeline().start_api().log()
