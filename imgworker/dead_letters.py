@@ -12,6 +12,14 @@ wait for a person.
 - purge: dead letters removed, all or those older than a duration. The
   jobs' records stay, ``failed``: GET /jobs/<id> still says why.
 
+Anyone with publish rights can put anything in the queue, so a dead letter
+is described without trusting it: a body that is not a job message, or an
+``x-death`` header that is not what RabbitMQ writes, is shown with its raw
+fields escaped (no control character reaches the terminal), never raised
+on. A dead letter whose time cannot be read has no age: ``purge
+--older-than`` keeps it, plain ``purge`` removes it. ``replay`` refuses a
+dead letter that is not a job, saying why, and goes on with the others.
+
 While the queue is read, its messages are held unacknowledged on one
 channel; whatever is not removed goes back to the queue when the connection
 closes.
@@ -82,21 +90,50 @@ class DeadLetterQueue:
 
     def _describe(self, tag, properties, body):
         job_id = broker.job_id_of(body)
-        death = ((properties.headers or {}).get("x-death") or [{}])[0]
-        since = death.get("time")
-        if since is not None and since.tzinfo is None:
-            # pika before 1.3 decodes AMQP timestamps as naive UTC, later as aware
-            since = since.replace(tzinfo=datetime.timezone.utc)
-        reason = f"dead-lettered by RabbitMQ ({death.get('reason', 'unknown reason')})"
+        reason, since = _death(properties.headers)
         if job_id is None:
-            return DeadLetter(None, f"not an imgworker job: {body[:60]!r}", None, since, tag)
+            return DeadLetter(None, f"not an imgworker job: {body[:60]!r}; {reason}", None,
+                              since, tag)
         job = self.storage.read_job(job_id)
         if job is not None and job.error:
-            reason = job.error
+            reason = _shown(job.error)
         return DeadLetter(job_id, reason, job.attempts if job else None, since, tag)
 
     def remove(self, letter):
         self._channel.basic_ack(letter.tag)
+
+
+def _death(headers):
+    """(reason, since) from the newest ``x-death`` entry RabbitMQ wrote;
+    what is not as RabbitMQ writes it is shown escaped, its time None."""
+    deaths = headers.get("x-death") if isinstance(headers, dict) else None
+    if deaths is None:
+        return "dead-lettered by RabbitMQ (unknown reason)", None
+    death = deaths[0] if isinstance(deaths, list) and deaths else None
+    if not isinstance(death, dict):
+        return f"unreadable x-death header: {_shown(deaths, always=True)}", None
+    reason = f"dead-lettered by RabbitMQ ({_shown(death.get('reason', 'unknown reason'))})"
+    since = death.get("time")
+    if not isinstance(since, datetime.datetime):
+        if since is not None:
+            reason += f"; unreadable x-death time: {_shown(since, always=True)}"
+        return reason, None
+    if since.tzinfo is None:
+        # pika before 1.3 decodes AMQP timestamps as naive UTC, later as aware
+        since = since.replace(tzinfo=datetime.timezone.utc)
+    return reason, since
+
+
+#: Enough of a raw field to recognise it, not a screenful.
+_SHOWN_CHARS = 200
+
+
+def _shown(value, always=False):
+    """A field safe to print: text of printable characters as it is (unless
+    ``always``), anything else escaped by repr; cut to _SHOWN_CHARS."""
+    if always or not (isinstance(value, str) and value.isprintable()):
+        value = repr(value)
+    return value if len(value) <= _SHOWN_CHARS else value[:_SHOWN_CHARS] + "..."
 
 
 def list_dead(config):
@@ -113,7 +150,12 @@ def replay(config, job_ids=None):
     try:
         with DeadLetterQueue(config) as queue:
             for letter in queue.take_all():
-                if letter.job_id is None or (wanted is not None and letter.job_id not in wanted):
+                if letter.job_id is None:
+                    if wanted is None:
+                        logger.warning("A dead letter is not a job, so it is not replayed (left "
+                                       "in the dead-letter queue): %s.", letter.reason)
+                    continue
+                if wanted is not None and letter.job_id not in wanted:
                     continue
                 if _replay_one(queue, publisher, letter):
                     replayed.append(letter.job_id)

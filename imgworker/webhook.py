@@ -17,6 +17,13 @@ rejected into ``imgworker.webhooks.dead`` with a log line saying why. Killed
 mid-delivery, the message is unacknowledged and comes back: at-least-once,
 like the events themselves. Redirects are not followed: only the configured
 URL is ever called.
+
+Only the events imgworker sends (``EVENTS``) are POSTed: a message on the
+queue with any other routing key -- anyone with publish rights on the
+exchange can send one -- is dead-lettered at once, the receiver never
+called. ``[webhook] timeout`` bounds a whole attempt (connecting, sending,
+and the answer's status line and headers), not each socket operation, so a
+receiver trickling its answer cannot hold the sender.
 """
 
 import hashlib
@@ -24,6 +31,8 @@ import hmac
 import http.client
 import logging
 import signal
+import socket
+import threading
 import time
 import urllib.parse
 
@@ -31,11 +40,15 @@ import pika
 import pika.exceptions
 
 from . import broker, metrics, waits
+from .job import State
 
 logger = logging.getLogger(__name__)
 
 QUEUE = "imgworker.webhooks"
 DEAD_LETTER_QUEUE = "imgworker.webhooks.dead"
+#: The routing keys of the events a worker publishes (broker.job_event:
+#: one per finished state); nothing else is sent to the receiver.
+EVENTS = frozenset(f"job.{state.value}" for state in State if state.finished)
 
 #: Answers worth trying again: the receiver is busy or broken for now.
 _RETRIED_STATUSES = {408, 429}
@@ -63,23 +76,49 @@ def post(config, event, body):
     url = urllib.parse.urlsplit(config.webhook.url)
     connection_class = http.client.HTTPSConnection if url.scheme == "https" \
         else http.client.HTTPConnection
-    connection = connection_class(url.hostname, url.port, timeout=config.webhook.timeout)
+    timeout = config.webhook.timeout
+    deadline = time.monotonic() + timeout
+    connection = connection_class(url.hostname, url.port, timeout=timeout)
     path = (url.path or "/") + (f"?{url.query}" if url.query else "")
     headers = {"Content-Type": "application/json", "User-Agent": "imgworker-webhook",
                "Imgworker-Event": event,
                "Imgworker-Signature": signature(config.webhook.secret, body, int(time.time()))}
+    watchdog = None
     try:
+        connection.connect()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise socket.timeout("connecting took the whole timeout")
+        connection.sock.settimeout(left)
+        # The socket's timeout bounds each read, not the answer: cut the
+        # connection at the deadline, however slowly the bytes come.
+        watchdog = threading.Timer(left, _cut, (connection.sock,))
+        watchdog.start()
         connection.request("POST", path, body, headers)
         status = connection.getresponse().status
     except (OSError, http.client.HTTPException) as error:
+        if time.monotonic() >= deadline:
+            raise Retry(f"no answer within {timeout:g} s ([webhook] timeout)") from None
         raise Retry(f"{type(error).__name__}: {error}") from None
     finally:
+        if watchdog is not None:
+            watchdog.cancel()
         connection.close()
     if 200 <= status < 300:
         return status
     if status in _RETRIED_STATUSES or status >= 500:
         raise Retry(f"HTTP {status}")
     raise GiveUp(f"HTTP {status}")
+
+
+def _cut(sock):
+    """End a POST that outlived its deadline: the reads and writes blocked
+    on the socket return at once (a shutdown, not a close, is safe from
+    another thread; the SSL layer, if any, is bypassed on purpose)."""
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass        # closed meanwhile: the POST ended by itself
 
 
 def declare(connection, config):
@@ -170,6 +209,13 @@ class WebhookSender:
         """True once delivered; False to dead-letter (or, when stopping, to
         hand back)."""
         job = properties.message_id or "?"
+        if event not in EVENTS:
+            logger.error("Webhook: a message routed %r (job %r) is not an event imgworker sends "
+                         "(%s); the receiver is not called, dead-lettered to %s.",
+                         event, job, ", ".join(sorted(EVENTS)), DEAD_LETTER_QUEUE)
+            metrics.count_webhook("dead")
+            self.dead += 1
+            return False
         delay = self.config.webhook.retry_delay
         for attempt in range(1, self.config.webhook.max_attempts + 1):
             try:

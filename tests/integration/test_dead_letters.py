@@ -1,12 +1,17 @@
 """`imgworker dlq list | replay | purge` against a real broker, run as an
 operator runs them."""
 
+import datetime
 import json
 import os
 import subprocess
 import sys
 import time
+import uuid
 
+import pika
+
+from imgworker import broker
 from imgworker.job import State
 from imgworker.storage import Storage
 from harness import samples
@@ -127,3 +132,74 @@ def test_dlq_list_shows_dead_letters_of_any_bytes_as_not_a_job(pipeline):
     assert [letter["id"] for letter in letters] == [None] * 3
     assert all(letter["reason"].startswith("not an imgworker job: ") for letter in letters)
     assert sorted(body for body, _reason in pipeline.dead_lettered()) == sorted(bodies)
+
+
+def held(pipeline, queue):
+    """(body, properties) of every message in a queue, left in place (what
+    is got unacknowledged goes back when the connection closes); unlike
+    pipeline.dead_lettered, it trusts no header."""
+    connection, channel = pipeline._channel()
+    try:
+        gets = iter(lambda: channel.basic_get(queue), (None, None, None))
+        return [(body, properties) for _method, properties, body in gets]
+    finally:
+        connection.close()
+
+
+def test_crafted_dead_letters_are_listed_escaped_purged_by_age_only_if_dated_and_never_replayed(
+        pipeline):
+    # Given dead letters no RabbitMQ wrote: x-death a string, a time that is
+    # an integer, reasons and bodies with terminal escapes, a nested body;
+    # and one properly dated an hour ago
+    pipeline.start_api()                # declares the queues
+    an_hour_ago = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(hours=1)
+    crafted = [
+        (b"[" * 100000, None),
+        (b"x-death as a string", {"x-death": "oops"}),
+        (b"\x1b[31m red body", {"x-death": [{"reason": "\x1b[31mred", "time": 5}]}),
+        (broker.job_message(uuid.uuid4().hex, "jpeg"),
+         {"x-death": [{"reason": "\x1b]0;title\x07"}]}),
+        (b"dated", {"x-death": [{"reason": "rejected", "time": an_hour_ago}]}),
+    ]
+    connection, channel = pipeline._channel()
+    channel.confirm_delivery()
+    for body, headers in crafted:
+        channel.basic_publish("", pipeline.dead_letter_queue, body,
+                              pika.BasicProperties(headers=headers, delivery_mode=2))
+    connection.close()
+
+    # When an operator lists them
+    listed = dlq(pipeline, "list")
+    as_json = dlq(pipeline, "list", "--json")
+    # Then nothing crashes, and no control character reaches the terminal
+    for run in (listed, as_json):
+        assert run.returncode == 0 and "Traceback" not in run.stderr, run.stderr
+        assert not any(ch in run.stdout + run.stderr for ch in "\x1b\x07\r")
+    assert len(listed.stdout.splitlines()) == len(crafted)
+    letters = json.loads(as_json.stdout)
+    assert not any(ch in letter["reason"] for letter in letters for ch in "\x1b\x07")
+    reasons = [letter["reason"] for letter in letters]
+    assert reasons[1].endswith("; unreadable x-death header: 'oops'")
+    assert reasons[2] == ("not an imgworker job: b'\\x1b[31m red body'; dead-lettered by "
+                          "RabbitMQ ('\\x1b[31mred'); unreadable x-death time: 5")
+    assert [letter["since"] is None for letter in letters] == [True] * 4 + [False]
+
+    # an unknown age is never "older than": only the dated one is purged
+    purged = dlq(pipeline, "purge", "--older-than", "1s")
+    assert (purged.returncode, purged.stdout.strip()) == (0, "1 dead letters removed"), purged.stderr
+    assert len(held(pipeline, pipeline.dead_letter_queue)) == 4
+
+    # replay refuses each letter that is not a job, says why, and goes on
+    replayed = dlq(pipeline, "replay", "--all")
+    assert replayed.returncode == 0 and "Traceback" not in replayed.stderr, replayed.stderr
+    assert "0 jobs queued again" in replayed.stdout
+    assert replayed.stderr.count("is not a job, so it is not replayed") == 3
+    assert "has no record" in replayed.stderr             # the job id nobody uploaded
+    assert not any(ch in replayed.stderr for ch in "\x1b\x07")
+    assert pipeline.queue_depth() == 0
+    assert sorted(body for body, _ in held(pipeline, pipeline.dead_letter_queue)) == \
+        sorted(body for body, _ in crafted[:4])
+
+    # and a plain purge removes them all
+    assert dlq(pipeline, "purge").stdout.strip() == "4 dead letters removed"
+    assert held(pipeline, pipeline.dead_letter_queue) == []
