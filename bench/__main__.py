@@ -1,4 +1,4 @@
-"""python3 -m bench [--smoke] [--out DIR] [--only engine,ingest,endtoend,memory,queues]
+"""python3 -m bench [--smoke] [--out DIR] [--only engine,ingest,endtoend,memory,queues,fuzz]
 
 Runs the benchmarks (see bench/__init__.py) and writes DIR/results.md and
 DIR/chart.png (default DIR: bench/results). Needs RabbitMQ on localhost (or
@@ -14,9 +14,9 @@ import tempfile
 from imgworker import config
 from harness.pipeline import AMQP_URL
 
-from . import endtoend, engine, ingest, inputs, memory, queues, report
+from . import endtoend, engine, fuzz, ingest, inputs, memory, queues, report
 
-PARTS = ("engine", "ingest", "endtoend", "memory", "queues")
+PARTS = ("engine", "ingest", "endtoend", "memory", "queues", "fuzz")
 
 
 def main(argv=None):
@@ -99,6 +99,10 @@ def main(argv=None):
         if "queues" in parts:
             log("queue types: one node classic, one node quorum, a 3-node cluster")
             results["queues"] = queues.run(workdir, AMQP_URL, photo, smoke, log=log)
+
+        if "fuzz" in parts:
+            log("fuzz: hostile files through images.identify, hypothesis searching")
+            results["fuzz"] = fuzz.run(smoke, log=log)
 
     markdown = report.write(results, args.out)
     log(f"wrote {markdown} and {os.path.join(args.out, 'chart.png')}")

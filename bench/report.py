@@ -185,6 +185,31 @@ def _memory_section(results):
     return lines
 
 
+def _fuzz_section(results):
+    from harness.hostile import IDENTIFY_BYTES, IDENTIFY_SECONDS
+    found = results["fuzz"]
+    lines = ["## 6. Fuzzing identify", "",
+             "Hostile files built by harness/hostile.py, hypothesis searching (not derandomized), "
+             f"each identified in a probe process: the property is an answer within "
+             f"{IDENTIFY_SECONDS:g} s and {IDENTIFY_BYTES >> 20} MB (peak RSS growth, Pillow's C "
+             "allocations included). Inputs shown by their first bytes, in hex.", "",
+             "| format | examples | accepted | refused | slowest ms | its input | "
+             "largest MB | its input | property broken by |", "|---|---|---|---|---|---|---|---|---|"]
+    def shown(extreme):
+        return f"`{extreme.head}` ({extreme.size} B)" if extreme.size else "–"
+    for fmt, run in found["formats"].items():
+        lines.append(f"| {fmt} | {run.examples} | {run.accepted} | {run.refused} "
+                     f"| {run.slowest.value:.1f} | {shown(run.slowest)} "
+                     f"| {run.largest.value:.1f} | {shown(run.largest)} "
+                     f"| {run.failure or 'nothing found'} |")
+    lines += ["", "Issue 22's findings 1-3, as the reviewer built them:", "",
+              "| finding | answer | ms | MB |", "|---|---|---|---|"]
+    for name, outcome in found["findings"].items():
+        lines.append(f"| {name} | {outcome.kind}: {outcome.detail[:100]} "
+                     f"| {outcome.seconds * 1000:.0f} | {outcome.peak_bytes / 1e6:.1f} |")
+    return lines
+
+
 def _targets_section(results):
     """The targets (issues 5 and 14) against this run's figures."""
     rows = []
@@ -309,7 +334,7 @@ def write(results, out):
     lines += [""] + _targets_section(results)
     for key, section in (("engine", _engine_section), ("ingest", _ingest_section),
                          ("drain", _endtoend_section), ("memory", _memory_section),
-                         ("queues", _queues_section)):
+                         ("queues", _queues_section), ("fuzz", _fuzz_section)):
         if key in results:
             lines += [""] + section(results)
     charted = "drain" in results or "latency" in results

@@ -22,7 +22,7 @@ def test_the_bench_smoke_run_writes_its_tables_and_chart(amqp_url, tmp_path):
     results = (out / "results.md").read_text()
     assert "**Smoke run**" in results
     for heading in ("## 1. Renditions engine", "## 2. Ingest through nginx", "## 3. End to end",
-                    "## 4. Memory", "## 5. Queue types and the cluster"):
+                    "## 4. Memory", "## 5. Queue types and the cluster", "## 6. Fuzzing identify"):
         assert heading in results
     for row in ("| naive Pillow (baseline) |", "| imgworker (images.render",
                 "| straightforward design (baseline), multipart |", f"| {ingest.CEILING} |",
