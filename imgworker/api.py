@@ -25,23 +25,32 @@ import re
 import socket
 import threading
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-from . import broker, formats, images, ingest, metrics, multipart
+from . import auth, broker, formats, images, ingest, metrics, multipart
 from .storage import Storage, StorageFull
 
 logger = logging.getLogger(__name__)
 
-#: path (matched whole) -> the methods it allows and the Api method answering;
-#: the pattern's groups are that method's arguments.
+#: path (matched whole) -> {method: the Api method answering}; the
+#: pattern's groups are that method's arguments.
 _ROUTES = (
-    (re.compile(r"/upload"), ("POST",), "upload"),
-    (re.compile(r"/jobs/(.*)"), ("GET", "HEAD"), "job_status"),
-    (re.compile(r"/renditions/(.*)"), ("GET", "HEAD"), "rendition"),
-    (re.compile(r"/healthz"), ("GET", "HEAD"), "health"),
-    (re.compile(r"/metrics"), ("GET", "HEAD"), "metrics"),
+    (re.compile(r"/upload"), {"POST": "upload", "OPTIONS": "preflight"}),
+    (re.compile(r"/grants"), {"POST": "grant"}),
+    (re.compile(r"/jobs/(.*)"), {"GET": "job_status", "HEAD": "job_status"}),
+    (re.compile(r"/renditions/(.*)"), {"GET": "rendition", "HEAD": "rendition"}),
+    (re.compile(r"/healthz"), {"GET": "health", "HEAD": "health"}),
+    (re.compile(r"/metrics"), {"GET": "metrics", "HEAD": "metrics"}),
+    # nginx's auth_request, never proxied from a client (see
+    # nginx/snippets/imgworker-locations.conf)
+    (re.compile(r"/auth/upload"), {"GET": "auth_upload"}),
 )
+#: Where a page of a listed origin (``[auth] cors_origins``) may read the answers.
+_CORS_PATHS = re.compile(r"/upload|/jobs/.*")
+#: The largest POST /grants body: a few fields.
+_MAX_GRANT_REQUEST = 4096
 _RENDITION_FILE = re.compile(r"([0-9a-f]{32})/([a-z0-9][a-z0-9_-]*)\.("
                              + "|".join(map(re.escape, formats.BY_EXTENSION)) + ")")
 
@@ -59,6 +68,28 @@ def _chunks(file):
     """A file as a WSGI body, closed when done (servers without file_wrapper)."""
     with file:
         yield from iter(lambda: file.read(65536), b"")
+
+
+def _declared(text):
+    """A Content-Length header's value as a number, or None."""
+    try:
+        return int(text) if text else None
+    except ValueError:
+        return None
+
+
+def _refusal(refusal):
+    """The answer to a request its credentials do not allow (auth.REASONS):
+    JSON with the reason a client's code can act on; 401 names the scheme
+    (RFC 6750). Nothing says which keys exist."""
+    headers = []
+    if refusal.status == 401:
+        error = "" if refusal.reason == "missing" else ', error="invalid_token"'
+        headers.append(("WWW-Authenticate", f'Bearer realm="imgworker"{error}'))
+    elif refusal.reason == "scope":
+        headers.append(("WWW-Authenticate", 'Bearer realm="imgworker", error="insufficient_scope"'))
+    return Response(HTTPStatus(refusal.status), {"error": str(refusal), "reason": refusal.reason},
+                    headers)
 
 
 class HTTPError(Exception):
@@ -83,8 +114,11 @@ def _respond(environ, start_response, response):
         length = os.fstat(file.fileno()).st_size
         wrapper = environ.get("wsgi.file_wrapper")
         body, headers = (wrapper(file) if wrapper else _chunks(file)), []
+    content = [("Content-Type", response.content_type)]
+    if status is HTTPStatus.NO_CONTENT:
+        body, length, headers, content = [], 0, [], []
     start_response(f"{status.value} {status.phrase}", [
-        ("Content-Type", response.content_type),
+        *content,
         ("Content-Length", str(length)),
         *headers,
         *response.headers,
@@ -218,6 +252,7 @@ class Api:
         self._publisher_lock = threading.Lock()
         self._publisher, self._publisher_pid = None, None
         self._bodies = _Budget(config.api.max_body_memory << 20)
+        self.gate = auth.Gatekeeper(config)
 
     @property
     def publisher(self):
@@ -237,23 +272,123 @@ class Api:
             response = self._route(environ, method, path)
         except HTTPError as error:
             response = Response(error.status, {"error": str(error)}, error.headers)
+        except auth.Refusal as refusal:
+            metrics.count_auth_refusal(refusal.reason)
+            response = _refusal(refusal)
         except Exception:
             logger.exception("Unexpected error answering %s %s.", method, path)
             response = Response(HTTPStatus.INTERNAL_SERVER_ERROR,
                                 {"error": "internal error; see the API's log"})
-        if path == "/upload":
+        if path == "/upload" and method == "POST":
             metrics.count_upload(response.status.value, time.monotonic() - started)
+        if self.config.auth.cors_origins and _CORS_PATHS.fullmatch(path):
+            response.headers += self._cors(environ)
         return _respond(environ, start_response, response)
 
     def _route(self, environ, method, path):
-        for pattern, methods, handler in _ROUTES:
+        for pattern, methods, in _ROUTES:
             match = pattern.fullmatch(path)
             if match:
                 if method not in methods:
                     raise HTTPError(HTTPStatus.METHOD_NOT_ALLOWED, f"{method} is not allowed here",
                                     [("Allow", ", ".join(methods))])
-                return getattr(self, handler)(environ, *match.groups())
+                return getattr(self, methods[method])(environ, *match.groups())
         raise HTTPError(HTTPStatus.NOT_FOUND, f"no such resource: {path}")
+
+    # -- CORS ---------------------------------------------------------------------
+    def _cors(self, environ):
+        """A listed origin's page may read this answer (and its Location);
+        any other origin gets no Access-Control-* header, so its browser
+        keeps the answer from it. The origin is echoed, never "*": the
+        requests carry credentials."""
+        headers = [("Vary", "Origin")]
+        origin = environ.get("HTTP_ORIGIN")
+        if origin in self.config.auth.cors_origins:
+            headers += [("Access-Control-Allow-Origin", origin),
+                        ("Access-Control-Expose-Headers", "Location")]
+        return headers
+
+    def preflight(self, environ):
+        """OPTIONS /upload: a browser asking whether a page may POST with an
+        Authorization header. The answer's Allow-Origin comes from _cors."""
+        headers = [("Allow", "POST, OPTIONS")]
+        if environ.get("HTTP_ORIGIN") in self.config.auth.cors_origins:
+            headers += [("Access-Control-Allow-Methods", "POST"),
+                        ("Access-Control-Allow-Headers", "Authorization, Content-Type"),
+                        ("Access-Control-Max-Age", "600")]
+        return Response(HTTPStatus.NO_CONTENT, headers=headers)
+
+    # -- credentials ------------------------------------------------------------------
+    def auth_upload(self, environ):
+        """GET /auth/upload, nginx's auth_request before it reads an upload's
+        body: the original request's headers decide, as /upload's own check
+        would. 204 lets it through. A refusal is 401 or 403 (auth_request
+        passes no other status on) with the answer nginx gives the client in
+        headers: X-Imgworker-Refusal (the reason, which picks the status:
+        too_large is 413), X-Imgworker-Refusal-Body (the JSON),
+        WWW-Authenticate and CORS. nginx words it itself rather than asking
+        again: a proxied error page would read the whole body first."""
+        original = {"HTTP_AUTHORIZATION": environ.get("HTTP_AUTHORIZATION", ""),
+                    "QUERY_STRING": environ.get("HTTP_X_ORIGINAL_URI", "").partition("?")[2]}
+        if environ.get("HTTP_X_ORIGINAL_METHOD") == "OPTIONS":
+            return Response(HTTPStatus.NO_CONTENT)
+        try:
+            self.gate.admit(original, "upload", _declared(environ.get(
+                "HTTP_X_ORIGINAL_CONTENT_LENGTH")))
+        except auth.Refusal as refusal:
+            metrics.count_auth_refusal(refusal.reason)
+            answer = _refusal(refusal)
+            # auth_request hands a 401's WWW-Authenticate on by itself, a
+            # 403's not: that one travels under another name.
+            challenges = [(name if refusal.status == 401 else "X-Imgworker-Challenge", value)
+                          for name, value in answer.headers]
+            status = HTTPStatus.UNAUTHORIZED if refusal.status == 401 else HTTPStatus.FORBIDDEN
+            return Response(status, headers=[
+                ("X-Imgworker-Refusal", refusal.reason),
+                ("X-Imgworker-Refusal-Body", json.dumps(answer.body)),
+                *challenges, *self._cors(environ)])
+        return Response(HTTPStatus.NO_CONTENT)
+
+    def _owner(self, environ):
+        """An upload's ?owner= (a key's upload says whose it is this way)."""
+        owners = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("owner")
+        if not owners:
+            return None
+        try:
+            return auth.check_owner(owners[0])
+        except ValueError as error:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"owner: {error}") from None
+
+    # -- POST /grants -----------------------------------------------------------------
+    def grant(self, environ):
+        """An upload grant for the app's user, asked for with a key of scope
+        grant: 201 {"grant", "expires_at", "upload_url"}."""
+        self.gate.admit(environ, "grant")
+        length = _declared(environ.get("CONTENT_LENGTH"))
+        if length is None or length > _MAX_GRANT_REQUEST:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, "send a JSON object of at most "
+                            f"{_MAX_GRANT_REQUEST} bytes with a Content-Length")
+        try:
+            request = json.loads(self._read_body(environ, length))
+            if not isinstance(request, dict):
+                raise ValueError("not an object")
+        except (ValueError, RecursionError):
+            raise HTTPError(HTTPStatus.BAD_REQUEST, 'send JSON: {"owner": "...", '
+                            '"max_bytes": N, "ttl": SECONDS}') from None
+        owner, max_bytes, ttl = request.get("owner"), request.get("max_bytes"), request.get("ttl")
+        if not all(value is None or (type(value) in (int, float) and value > 0)
+                   for value in (max_bytes, ttl)) or isinstance(max_bytes, float):
+            raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY,
+                            "max_bytes must be a whole number above 0, ttl a number of "
+                            "seconds above 0")
+        try:
+            grant = self.gate.issue(owner, max_bytes, ttl)
+        except ValueError as error:
+            raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, str(error)) from None
+        except LookupError as error:
+            logger.error("Cannot sign an upload grant: %s", error)
+            raise self._unavailable("upload grants are not set up on this server") from None
+        return Response(HTTPStatus.CREATED, grant)
 
     def _unavailable(self, reason):
         return HTTPError(HTTPStatus.SERVICE_UNAVAILABLE, reason,
@@ -303,17 +438,19 @@ class Api:
         return body
 
     def upload(self, environ):
+        caller = self.gate.admit(environ, "upload", _declared(environ.get("CONTENT_LENGTH")),
+                                 self._owner(environ))
         length = self._declared_length(environ)
         if not self._bodies.take(length):
             self._read_body(environ, length, keep=False)    # the connection stays usable
             raise self._unavailable(f"this API process has {self.config.api.max_body_memory} MiB "
                                     "of uploads in flight ([api] max_body_memory); try again")
         try:
-            return self._accept(environ, self._read_body(environ, length))
+            return self._accept(environ, self._read_body(environ, length), caller)
         finally:
             self._bodies.give(length)
 
-    def _accept(self, environ, body):
+    def _accept(self, environ, body, caller):
         content_type = environ.get("CONTENT_TYPE", "")
         if content_type.lower().startswith("multipart/"):
             data = self._file_from_multipart(content_type, body)
@@ -329,8 +466,22 @@ class Api:
         except images.BadImage as error:
             raise HTTPError(HTTPStatus.UNPROCESSABLE_ENTITY, str(error)) from None
 
+        # A grant is spent before the upload is stored, and given back if it
+        # is not accepted: of two uploads racing with one grant, on any
+        # processes or hosts, one is stored and the other refused.
+        self.gate.spend(caller)
         try:
-            job_id = ingest.accept(self.storage, self.publisher, data, info)
+            job_id = self._ingest(data, info, caller.owner)
+        except BaseException:
+            self.gate.unspend(caller)
+            raise
+        status_url = f"/jobs/{job_id}"
+        return Response(HTTPStatus.ACCEPTED, {"id": job_id, "status_url": status_url},
+                        [("Location", status_url)])
+
+    def _ingest(self, data, info, owner):
+        try:
+            return ingest.accept(self.storage, self.publisher, data, info, owner)
         except StorageFull:
             raise HTTPError(HTTPStatus.INSUFFICIENT_STORAGE,
                             "the server's image storage is full; try again later",
@@ -340,9 +491,6 @@ class Api:
             # log, not to the public.
             raise self._unavailable("the job queue is unavailable; nothing was stored, "
                                     "try again later") from None
-        status_url = f"/jobs/{job_id}"
-        return Response(HTTPStatus.ACCEPTED, {"id": job_id, "status_url": status_url},
-                        [("Location", status_url)])
 
     # -- GET /jobs/<id> -------------------------------------------------------
     def job_status(self, _environ, job_id):

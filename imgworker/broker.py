@@ -165,7 +165,7 @@ def declare_topology(channel, config):
 
 def job_event(job):
     """(routing key, body, properties) of the event that says a job ended."""
-    return (f"job.{job.state.value}", json.dumps(job.view()).encode(),
+    return (f"job.{job.state.value}", json.dumps(job.event()).encode(),
             pika.BasicProperties(delivery_mode=PERSISTENT, message_id=job.id,
                                  content_type="application/json"))
 

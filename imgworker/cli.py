@@ -85,6 +85,12 @@ def cmd_api(args):
     _prepare_storage(config, marker=True)
     _prepare_process(config, allocation="api")
     log.setup()
+    if not config.auth.required:
+        # At every start, so an install upgraded without keys is not open
+        # unnoticed (debian/NEWS says how to close it).
+        logger.warning("Uploads are accepted without credentials: [auth] required = false "
+                       "(in %s). Add keys with 'imgworker keys add', then set it to true.",
+                       config.origin("auth", "required"))
     server.run(config, Notifier())
     return 0
 
@@ -115,8 +121,10 @@ def cmd_sweep(args):
     except broker.BrokerUnavailable as error:
         logger.error("Sweep stopped: %s. The next run tries again.", error)
         return 1
-    logger.info("Sweep done: %d jobs queued again, %d unmarked, %d uploads dropped.",
-                requeued, unmarked, dropped)
+    from .auth import forget_spent_grants
+    forgotten = forget_spent_grants(config.storage.root)
+    logger.info("Sweep done: %d jobs queued again, %d unmarked, %d uploads dropped, "
+                "%d expired grants forgotten.", requeued, unmarked, dropped, forgotten)
     return 0
 
 
@@ -254,10 +262,74 @@ def _warn_about_units(config):
         print("warning: " + units.describe(violation, config), file=sys.stderr)
 
 
-def _request(url, data=None, content_type=None):
+def cmd_keys(args):
+    from .auth import KeyFile
+    config = _load_config(args)
+    keys = KeyFile(config.auth.keys_file)
+    try:
+        if args.action == "add":
+            scopes = [scope.strip() for scope in args.scope.split(",") if scope.strip()]
+            if "grant" in scopes:       # the key is for asking grants: have them signed
+                _grant_secrets(config).rotate(if_missing=True)
+            print(keys.add(args.name, scopes))
+        elif args.action == "revoke":
+            keys.revoke(args.name)
+            print(f"imgworker: revoked {args.name}; every running API refuses it within a "
+                  "second.", file=sys.stderr)
+        elif args.json:
+            print(json.dumps([{"name": key.name, "scopes": list(key.scopes),
+                               "created": key.created} for key in keys.list()], indent=2))
+        else:
+            for key in keys.list():
+                print(f"{key.name}\t{','.join(key.scopes)}\t{key.created}")
+    except (ValueError, LookupError) as error:
+        print(f"imgworker: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"imgworker: cannot use {config.auth.keys_file}: {error.strerror}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _grant_secrets(config):
+    from .auth import GrantSecrets
+    return GrantSecrets(config.auth.grant_secrets_file, config.auth.max_grant_ttl)
+
+
+def cmd_grant(args):
+    from .auth import Gatekeeper
+    config = _load_config(args)
+    try:
+        print(json.dumps(Gatekeeper(config).issue(args.owner, args.max_bytes, args.ttl)))
+    except (ValueError, LookupError) as error:
+        print(f"imgworker: {error}", file=sys.stderr)
+        return 1
+    except OSError as error:
+        print(f"imgworker: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_grant_secret(args):
+    config = _load_config(args)
+    try:
+        made = _grant_secrets(config).rotate(if_missing=args.if_missing)
+    except (OSError, ValueError) as error:
+        print(f"imgworker: cannot use {config.auth.grant_secrets_file}: {error}", file=sys.stderr)
+        return 1
+    if made and not args.if_missing:
+        print("imgworker: new grants are signed with a new secret; grants signed before stay "
+              f"good until they expire (at most {config.auth.max_grant_ttl:g} s).",
+              file=sys.stderr)
+    return 0
+
+
+def _request(url, data=None, content_type=None, key=None):
     request = urllib.request.Request(url, data=data)
     if content_type:
         request.add_header("Content-Type", content_type)
+    if key:
+        request.add_header("Authorization", "Bearer " + key)
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
             return response.status, json.load(response)
@@ -273,7 +345,7 @@ def cmd_submit(args):
     with open(args.file, "rb") as handle:
         data = handle.read()
     try:
-        status, body = _request(base + "/upload", data, "application/octet-stream")
+        status, body = _request(base + "/upload", data, "application/octet-stream", args.key)
         print(json.dumps({"http_status": status, **body}))
         if status != 202 or not args.wait:
             return 0 if status == 202 else 1
@@ -418,7 +490,51 @@ def build_parser():
     submit.add_argument("--timeout", type=float, default=60.0,
                         help="seconds to wait with --wait (default 60)")
     submit.add_argument("--url", help="API base URL (default: http://[api] listen)")
+    submit.add_argument("--key", default=os.environ.get("IMGWORKER_KEY"),
+                        help="an API key of scope upload, or a grant (default: $IMGWORKER_KEY)")
     submit.set_defaults(func=cmd_submit)
+
+    keys = commands.add_parser(
+        "keys", help="add, list or revoke API keys",
+        description="API keys let the app's servers upload (scope upload), ask for upload "
+                    "grants for browsers (grant) and erase (delete). Only a SHA-256 of each "
+                    "key is kept, in [auth] keys_file; running APIs see a change within a "
+                    "second.")
+    key_actions = keys.add_subparsers(dest="action", required=True, metavar="ACTION")
+    adding = key_actions.add_parser("add", help="make a key and print it (the only time it "
+                                                "is shown)")
+    adding.add_argument("name", metavar="NAME", help="what the key is for, e.g. the app's name")
+    adding.add_argument("--scope", required=True, metavar="SCOPES",
+                        help="comma-separated: upload, grant, delete")
+    key_listing = key_actions.add_parser("list", help="name, scopes and creation time of each "
+                                                      "key (never the key)")
+    key_listing.add_argument("--json", action="store_true", help="as a JSON list")
+    revoking = key_actions.add_parser("revoke", help="refuse a key from now on")
+    revoking.add_argument("name", metavar="NAME")
+    keys.set_defaults(func=cmd_keys, json=False)
+
+    grant = commands.add_parser(
+        "grant", help="print an upload grant, as POST /grants gives one",
+        description="Sign a grant good for one upload, for OWNER (an opaque id of the "
+                    "app's user), and print {grant, expires_at, upload_url} as JSON.")
+    grant.add_argument("--owner", required=True)
+    grant.add_argument("--ttl", type=float, metavar="SECONDS",
+                       help="lifetime (default and most: [auth] max_grant_ttl)")
+    grant.add_argument("--max-bytes", type=int, metavar="N",
+                       help="largest upload (default and most: [api] max_upload_bytes)")
+    grant.set_defaults(func=cmd_grant)
+
+    grant_secret = commands.add_parser(
+        "grant-secret", help="rotate the secret upload grants are signed with")
+    grant_secret_actions = grant_secret.add_subparsers(dest="action", required=True,
+                                                       metavar="ACTION")
+    rotating = grant_secret_actions.add_parser(
+        "rotate", help="sign new grants with a new secret; the old one verifies the grants it "
+                       "signed until they expire")
+    rotating.add_argument("--if-missing", action="store_true",
+                          help="only make the first secret, if there is none (the package's "
+                               "postinst)")
+    grant_secret.set_defaults(func=cmd_grant_secret)
     return parser
 
 

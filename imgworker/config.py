@@ -116,6 +116,30 @@ def _queue_type(raw):
     return raw
 
 
+def _boolean(raw):
+    value = raw.lower()
+    if value in ("true", "yes", "on", "1"):
+        return True
+    if value in ("false", "no", "off", "0"):
+        return False
+    raise ValueError("must be true or false")
+
+
+def _origins(raw):
+    """Web origins, scheme://host[:port], separated by commas or spaces."""
+    origins = []
+    for origin in re.split(r"[\s,]+", raw.strip()):
+        if not origin:
+            continue
+        parts = urllib.parse.urlsplit(origin)
+        if (parts.scheme not in ("http", "https") or not parts.hostname
+                or parts.path or parts.query or parts.fragment or parts.username):
+            raise ValueError(f"{origin!r} is not an origin like https://app.example or "
+                             "http://localhost:3000 (no path, no trailing slash)")
+        origins.append(f"{parts.scheme}://{parts.netloc.lower()}")
+    return tuple(origins)
+
+
 def _name(raw):
     if not raw:
         raise ValueError("must not be empty")
@@ -244,6 +268,35 @@ SCHEMA = {
                                 "Seconds a job may go without progress before the worker stops "
                                 "feeding the systemd watchdog, which then restarts it."),
     },
+    "auth": {
+        "required": Option("true", _boolean,
+                           "Whether POST /upload needs credentials: an API key (imgworker "
+                           "keys add) or an upload grant. A fresh install requires them. An "
+                           "install upgraded from a version before keys keeps accepting "
+                           "uploads without them, through config.d/auth.ini, which says "
+                           "false (see NEWS.Debian); each API start logs a warning while "
+                           "it does."),
+        "keys_file": Option("/etc/imgworker/keys.json", _absolute_path,
+                            "The API keys, as SHA-256 hashes with their names and scopes; "
+                            "the keys themselves are printed once, by 'imgworker keys add', "
+                            "and stored nowhere. Mode 0640 root:imgworker. A running API "
+                            "sees keys added or revoked within a second, with no restart."),
+        "grant_secrets_file": Option("/etc/imgworker/grant-secrets.json", _absolute_path,
+                                     "The secrets upload grants are signed with (HMAC-SHA256), "
+                                     "mode 0640 root:imgworker. 'imgworker grant-secret rotate' "
+                                     "signs new grants with a new one and keeps the old ones "
+                                     "until every grant they signed has expired. Every API host "
+                                     "sharing the storage needs the same file."),
+        "max_grant_ttl": Option("900", _seconds,
+                                "Longest lifetime, in seconds, of an upload grant; a longer "
+                                "ttl asked for is cut to this. A grant is good for one "
+                                "upload: 15 minutes is time for a person to pick a photo."),
+        "cors_origins": Option("", _origins,
+                               "Origins (https://app.example, comma-separated) whose web pages "
+                               "may upload from the browser with a grant: they get "
+                               "Access-Control-Allow-Origin on /upload and /jobs. Empty: no "
+                               "page of another origin may."),
+    },
     "webhook": {
         "url": Option("", _webhook_url,
                       "http:// or https:// URL that 'imgworker webhook' (imgworker-webhook."
@@ -319,7 +372,12 @@ def parse_rendition(name, raw):
 
 class Config(SimpleNamespace):
     """Typed settings: ``config.broker.url``, ``config.renditions`` (a tuple
-    of Rendition), ``config.path`` (the file they came from, or None)."""
+    of Rendition), ``config.path`` (the file they came from, or None),
+    ``config.origins`` ({(section, option): the file that set it, or
+    "<built-in defaults>"})."""
+
+    def origin(self, section, option):
+        return self.origins[(section, option)]
 
 
 def read_raw(path):
@@ -402,13 +460,15 @@ def _build(files, path):
             except ValueError as error:
                 raise ConfigError(f"{where}: [{section}] {option} = {value!r}: {error}") from None
         sections[section] = SimpleNamespace(**values)
+    origins = {(section, option): where for section, options in raw.items()
+               for option, (_value, where) in options.items()}
     renditions = []
     for name, (value, where) in raw_renditions.items():
         try:
             renditions.append(parse_rendition(name, value))
         except ValueError as error:
             raise ConfigError(f"{where}: [renditions] {name} = {value!r}: {error}") from None
-    return Config(path=path, renditions=tuple(renditions), **sections)
+    return Config(path=path, renditions=tuple(renditions), origins=origins, **sections)
 
 
 def from_dict(values):

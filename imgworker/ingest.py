@@ -35,7 +35,7 @@ from .storage import Storage, new_job_id
 logger = logging.getLogger(__name__)
 
 
-def accept(storage, publisher, data, info):
+def accept(storage, publisher, data, info, owner=None):
     """Store the upload and queue its job; returns the job id once both are
     durable. Raises StorageFull or broker.BrokerUnavailable, having removed
     whatever it stored."""
@@ -45,7 +45,7 @@ def accept(storage, publisher, data, info):
         # The record before the message: a worker may take the job before
         # publish returns.
         storage.store_upload(Job.accepted(job_id, info.format, info.width, info.height,
-                                          len(data)), data)
+                                          len(data), owner), data)
         publisher.publish(job_id, broker.job_message(job_id, info.format))
     except BaseException as error:
         # A broker killed between routing the message and confirming it may

@@ -63,15 +63,19 @@ class Job:
     #: why the last attempt did not finish, while it is retried
     last_error: str = None
     worker: str = None
+    #: who uploaded it: the opaque id of the app's user its grant names (or
+    #: the ?owner= of an upload made with a key). Erasure goes by it; events
+    #: carry it to the app; GET /jobs/<id> never shows it.
+    owner: str = None
     started_at: float = None
     seconds: float = None
     updated_at: float = None
 
     @classmethod
-    def accepted(cls, job_id, fmt, width, height, size):
+    def accepted(cls, job_id, fmt, width, height, size, owner=None):
         return cls(job_id, State.QUEUED,
                    {"format": fmt, "width": width, "height": height, "bytes": size},
-                   updated_at=time.time())
+                   owner=owner, updated_at=time.time())
 
     @classmethod
     def from_json(cls, data):
@@ -124,8 +128,17 @@ class Job:
         self.state, self.updated_at = State.QUEUED, time.time()
         self.attempts, self.last_error, self.error = 0, self.error, None
 
+    def event(self):
+        """The body of the event that says it ended: what GET /jobs/<id>
+        shows, and its owner, for the app that gave it."""
+        shown = self.view()
+        if self.owner is not None:
+            shown["owner"] = self.owner
+        return shown
+
     def view(self):
-        """What GET /jobs/<id> answers."""
+        """What GET /jobs/<id> answers: never the owner (anyone with the id
+        may ask)."""
         shown = {"id": self.id, "state": self.state.value, "attempts": self.attempts,
                  "original": self.original}
         if self.updated_at is not None:

@@ -27,7 +27,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
     generate_latest, values
 from prometheus_client.core import GaugeMetricFamily
 
-from . import broker
+from . import auth, broker
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 
@@ -51,6 +51,11 @@ class _Families:
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120))
         self.webhooks = Counter("imgworker_webhook_deliveries", "Webhook delivery attempts by "
                                 "outcome: delivered, retried, dead (dead-lettered).", ["outcome"])
+        self.auth_refusals = Counter("imgworker_auth_refusals", "Requests refused for their "
+                                     "credentials, by reason: " + ", ".join(auth.REASONS) + ".",
+                                     ["reason"])
+        for reason in auth.REASONS:     # every series exists from the start, at 0
+            self.auth_refusals.labels(reason)
 
     def register_in(self, registry):
         for family in vars(self).values():
@@ -175,3 +180,7 @@ def count_upload(status, seconds):
 
 def count_webhook(outcome):
     _get().webhooks.labels(outcome).inc()
+
+
+def count_auth_refusal(reason):
+    _get().auth_refusals.labels(reason).inc()

@@ -5,6 +5,7 @@ crash at any instant leaves either the old file or the new one, never half.
     ROOT/renditions/<id>/<name>.<ext>  the outputs; nginx serves this tree
     ROOT/jobs/<id>.json             the job's record (job.py), the only datastore
     ROOT/jobs/<id>.pending          upload stored, broker not yet confirmed
+    ROOT/grants/<nonce>             an upload grant spent (auth.py)
     ROOT/.imgworker-storage         "this is the storage the API writes to"
 
 Paths are a pure function of the job id and rendition, so a redelivered job
@@ -275,7 +276,7 @@ class Storage:
             os.makedirs(self.root, exist_ok=True)
             self._write_marker()
         for part, mode in (("originals", _PRIVATE_DIR), ("jobs", _PRIVATE_DIR),
-                           ("renditions", _PUBLIC_DIR)):
+                           ("grants", _PRIVATE_DIR), ("renditions", _PUBLIC_DIR)):
             path = os.path.join(self.root, part)
             os.makedirs(path, mode, exist_ok=True)
             if os.stat(path).st_mode & 0o777 != mode:
