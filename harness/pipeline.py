@@ -7,6 +7,7 @@ benchmarks (bench/) both drive the pipeline through it.
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -203,24 +204,81 @@ class Service:
 
 
 class Nginx:
-    """nginx running the shipped site, nginx/imgworker.conf, in front of a
-    pipeline's API. Only its addresses and the storage path are changed, so
-    the limits and timeouts under test are the ones the package installs."""
+    """nginx running the shipped site in front of a pipeline's API. Only its
+    addresses, the storage path and (unless ``rate_limits="shipped"``) the
+    rates are changed, so the limits and timeouts under test are the ones
+    the package installs.
 
-    def __init__(self, pipeline, worker_processes=1):
+    ``rate_limits="lifted"`` multiplies every rate and burst by 1000: tests
+    that upload fast from one address test something else. ``tls=True``
+    runs the HTTPS site (imgworker-tls.conf) with a self-signed certificate
+    for 127.0.0.1 (``self.certificate``): ``base_url`` is https, and
+    ``http_url`` the plain server that redirects.
+    """
+
+    def __init__(self, pipeline, worker_processes=1, rate_limits="lifted", tls=False):
+        assert rate_limits in ("lifted", "shipped")
         self.dir = tempfile.mkdtemp(prefix="iw-nginx-")
         self.port = free_port()
-        self.base_url = f"http://127.0.0.1:{self.port}"
-        with open(os.path.join(pipeline.source, "nginx", "imgworker.conf")) as handle:
-            site = handle.read()
-        for shipped, here in {
+        self.base_url = self.http_url = f"http://127.0.0.1:{self.port}"
+        shipped_dir = os.path.join(pipeline.source, "nginx")
+
+        def read(*path):
+            with open(os.path.join(shipped_dir, *path)) as handle:
+                return handle.read()
+
+        def edit(text, name, changes):
+            for shipped, here in changes.items():
+                assert shipped in text, f"nginx/{name} no longer says {shipped!r}"
+                text = text.replace(shipped, here)
+            return text
+
+        upstream = {"server 127.0.0.1:8000 ": f"server 127.0.0.1:{pipeline.port} "}
+        alias = {"alias /var/lib/imgworker/renditions/;":
+                 f"alias {os.path.join(pipeline.root, 'renditions')}/;"}
+        if not os.path.exists(os.path.join(shipped_dir, "snippets")):
+            # a tree from before the TLS site: one file, the site
+            assert not tls, "this tree has no HTTPS site"
+            site = edit(read("imgworker.conf"), "imgworker.conf", {
                 "listen 80 default_server;": f"listen 127.0.0.1:{self.port};",
-                "listen [::]:80 default_server;": "",
-                "server 127.0.0.1:8000 ": f"server 127.0.0.1:{pipeline.port} ",
-                "alias /var/lib/imgworker/renditions/;":
-                    f"alias {os.path.join(pipeline.root, 'renditions')}/;"}.items():
-            assert shipped in site, f"nginx/imgworker.conf no longer says {shipped!r}"
-            site = site.replace(shipped, here)
+                "listen [::]:80 default_server;": "", **upstream, **alias})
+        else:
+            snippet = os.path.join(self.dir, "locations.conf")
+            with open(snippet, "w") as handle:
+                handle.write(edit(read("snippets", "imgworker-locations.conf"),
+                                  "snippets/imgworker-locations.conf", alias))
+            http = edit(read("conf.d", "imgworker.conf"), "conf.d/imgworker.conf", upstream)
+            if rate_limits == "lifted":
+                http = re.sub(r"\brate=(\d+)r/s", r"rate=\g<1>000r/s", http)
+                with open(snippet) as handle:
+                    lifted = re.sub(r"\bburst=(\d+)", r"burst=\g<1>000", handle.read())
+                with open(snippet, "w") as handle:
+                    handle.write(lifted)
+            include = {"include /etc/nginx/snippets/imgworker-locations.conf;":
+                       f"include {snippet};"}
+            if tls:
+                self.tls_port = free_port()
+                self.base_url = f"https://127.0.0.1:{self.tls_port}"
+                self.certificate = os.path.join(self.dir, "cert.pem")
+                key = os.path.join(self.dir, "key.pem")
+                subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes",
+                                "-days", "1", "-subj", "/CN=127.0.0.1",
+                                "-addext", "subjectAltName=IP:127.0.0.1",
+                                "-keyout", key, "-out", self.certificate],
+                               check=True, capture_output=True)
+                site = edit(read("sites-available", "imgworker-tls.conf"), "imgworker-tls.conf", {
+                    "listen 443 ssl default_server;": f"listen 127.0.0.1:{self.tls_port} ssl;",
+                    "listen [::]:443 ssl default_server;": "",
+                    "listen 80 default_server;": f"listen 127.0.0.1:{self.port};",
+                    "listen [::]:80 default_server;": "",
+                    "/etc/letsencrypt/live/images.example.org/fullchain.pem": self.certificate,
+                    "/etc/letsencrypt/live/images.example.org/privkey.pem": key,
+                    **include})
+            else:
+                site = edit(read("sites-available", "imgworker.conf"), "imgworker.conf", {
+                    "listen 80 default_server;": f"listen 127.0.0.1:{self.port};",
+                    "listen [::]:80 default_server;": "", **include})
+            site = http + "\n" + site
         with open(os.path.join(self.dir, "site.conf"), "w") as handle:
             handle.write(site)
         self.access_log = os.path.join(self.dir, "access.log")
@@ -301,6 +359,13 @@ class Pipeline:
         os.makedirs(self.metrics_dir, exist_ok=True)      # an older tree does not make it
         if source == REPO:
             values["storage"]["metrics_dir"] = self.metrics_dir
+            # Open, as an upgraded install is: the tests of credentials
+            # say auth={"required": "true"}. The keys and grant secrets are
+            # this pipeline's (add_key).
+            values["auth"] = {"required": "false",
+                              "keys_file": os.path.join(self.workdir, "keys.json"),
+                              "grant_secrets_file": os.path.join(self.workdir,
+                                                                 "grant-secrets.json")}
         for section, options in sections.items():
             values.setdefault(section, {}).update(options)
         self.values = values
@@ -341,6 +406,21 @@ class Pipeline:
         tree's with its unit's environment."""
         unit = {} if self.source == REPO else self.api_environment()
         return self.start("api", "api", env={**unit, **(env or {})}, **kwargs)
+
+    def cli(self, *args, check=True):
+        """``imgworker ARGS`` of this tree with this pipeline's config, as
+        an operator runs it."""
+        return subprocess.run([sys.executable, "-m", "imgworker", *args], cwd=self.source,
+                              env={**os.environ, "IMGWORKER_CONFIG": self.config_path,
+                                   "PYTHONPATH": self.source},
+                              capture_output=True, text=True, check=check, timeout=60)
+
+    def add_key(self, name, scopes="upload"):
+        """A new API key (``imgworker keys add``): its secret."""
+        return self.cli("keys", "add", name, "--scope", scopes).stdout.strip()
+
+    def revoke_key(self, name):
+        self.cli("keys", "revoke", name)
 
     def start_nginx(self, **kwargs):
         self.nginx = Nginx(self, **kwargs)
@@ -417,8 +497,9 @@ class Pipeline:
                 method, properties, body = channel.basic_get(self.dead_letter_queue)
                 if method is None:
                     break
-                death = (properties.headers or {}).get("x-death", [{}])[0]
-                found.append((body, death.get("reason")))
+                deaths = (properties.headers or {}).get("x-death")
+                death = deaths[0] if isinstance(deaths, list) and deaths else {}
+                found.append((body, death.get("reason") if isinstance(death, dict) else None))
         finally:
             connection.close()  # unacked gets go back to the queue
         return found

@@ -15,21 +15,26 @@ def shipped(*path):
         return handle.read()
 
 
+LOCATIONS = ("nginx", "snippets", "imgworker-locations.conf")
+HTTP_LEVEL = ("nginx", "conf.d", "imgworker.conf")
+
+
 def test_nginx_takes_exactly_the_bodies_the_api_takes_and_says_so_in_its_413():
-    site = shipped("nginx", "imgworker.conf")
+    site = shipped(*LOCATIONS)
     (size,) = re.findall(r"^\s*client_max_body_size (\d+)m;", site, re.MULTILINE)
     assert int(size) << 20 == DEFAULTS.api.max_upload_bytes
     assert f"the upload is larger than {size} MiB (client_max_body_size)" in site
 
 
 def test_nginx_asks_for_the_same_retry_after_as_the_api():
-    (seconds,) = re.findall(r"add_header Retry-After (\d+) always;", shipped("nginx", "imgworker.conf"))
+    (seconds,) = re.findall(r"location @api_unavailable \{\s*add_header Retry-After (\d+) always;",
+                            shipped(*LOCATIONS))
     assert int(seconds) == DEFAULTS.api.retry_after
 
 
 def test_nginx_serves_each_rendition_format_with_the_tables_media_type_and_nothing_else():
     (block,) = re.findall(r"location /renditions/ \{.*?\btypes \{([^}]*)\}",
-                          shipped("nginx", "imgworker.conf"), re.DOTALL)
+                          shipped(*LOCATIONS), re.DOTALL)
     served = {}
     for media_type, *extensions in (line.rstrip(";").split() for line in
                                     block.strip().splitlines() if line.strip()):
@@ -38,11 +43,25 @@ def test_nginx_serves_each_rendition_format_with_the_tables_media_type_and_nothi
 
 
 def test_nginx_and_the_units_name_the_default_storage_root_and_listen_address():
-    site = shipped("nginx", "imgworker.conf")
-    assert f"alias {DEFAULTS.storage.root}/renditions/;" in site
-    assert f"server {DEFAULTS.api.listen} " in site
+    assert f"alias {DEFAULTS.storage.root}/renditions/;" in shipped(*LOCATIONS)
+    assert f"server {DEFAULTS.api.listen} " in shipped(*HTTP_LEVEL)
     for unit in ("imgworker@.service", "imgworker-api.service", "imgworker-sweep.service"):
         assert f"ReadWritePaths={DEFAULTS.storage.root}\n" in shipped("systemd", unit), unit
+
+
+def test_both_sites_serve_the_same_locations_and_every_refusal_the_api_words_is_answered():
+    for site in ("imgworker.conf", "imgworker-tls.conf"):
+        assert "include /etc/nginx/snippets/imgworker-locations.conf;" in \
+            shipped("nginx", "sites-available", site)
+    locations = shipped(*LOCATIONS)
+    # the reasons that are not 401 each have their status in @upload_refused
+    from imgworker import auth
+    for reason, (status, _message) in auth.REASONS.items():
+        if status != 401:
+            assert f"if ($imgworker_refusal = {reason}) {{\n        return {status} " in locations
+    # each limit_req zone is defined once, at the http level, and used
+    zones = re.findall(r"limit_req_zone \S+ zone=(\w+):", shipped(*HTTP_LEVEL))
+    assert sorted(zones) == sorted(re.findall(r"limit_req zone=(\w+) ", locations))
 
 
 def test_the_units_give_every_option_at_its_default_what_it_needs():
