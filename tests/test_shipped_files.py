@@ -59,6 +59,10 @@ def test_both_sites_serve_the_same_locations_and_every_refusal_the_api_words_is_
     for reason, (status, _message) in auth.REASONS.items():
         if status != 401:
             assert f"if ($imgworker_refusal = {reason}) {{\n        return {status} " in locations
+    # add_header in a location drops the server's: each one repeats HSTS
+    for block in re.findall(r"location [^{]*\{(.*?)\n\}", locations, re.DOTALL):
+        if "add_header" in block:
+            assert "add_header Strict-Transport-Security $imgworker_hsts always;" in block, block
     # each limit_req zone is defined once, at the http level, and used
     zones = re.findall(r"limit_req_zone \S+ zone=(\w+):", shipped(*HTTP_LEVEL))
     assert sorted(zones) == sorted(re.findall(r"limit_req zone=(\w+) ", locations))
