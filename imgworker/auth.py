@@ -26,8 +26,10 @@ body is read (nginx asks GET /auth/upload first, with auth_request).
 
 import base64
 import binascii
+import contextlib
 import dataclasses
 import datetime
+import fcntl
 import grp
 import hashlib
 import hmac
@@ -152,6 +154,19 @@ def _read_list(path):
     return value
 
 
+@contextlib.contextmanager
+def _updating(path):
+    """Around a read-modify-write of path by the command line: two
+    `imgworker keys add` at once must not lose one of the keys. The lock is
+    the directory's (flock), so no lock file is left beside the keys."""
+    fd = os.open(os.path.dirname(path) or ".", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield _read_list(path)
+    finally:
+        os.close(fd)
+
+
 def _write_private(path, value):
     """Replace path with value as JSON, atomically and durably, readable by
     root and the imgworker group alone (0640 root:imgworker when that group
@@ -222,21 +237,21 @@ class KeyFile:
         unknown = set(scopes) - set(SCOPES)
         if unknown or not scopes:
             raise ValueError("scopes are one or more of " + ", ".join(SCOPES))
-        entries = _read_list(self.path)
-        if any(entry["name"] == name for entry in entries):
-            raise ValueError(f"there is a key named {name!r} already; revoke it first")
-        key = KEY_PREFIX + _b64(secrets.token_bytes(32))
-        entries.append({"name": name, "scopes": [s for s in SCOPES if s in scopes],
-                        "created": rfc3339(time.time()), "sha256": _hash(key)})
-        _write_private(self.path, entries)
+        with _updating(self.path) as entries:
+            if any(entry.get("name") == name for entry in entries):
+                raise ValueError(f"there is a key named {name!r} already; revoke it first")
+            key = KEY_PREFIX + _b64(secrets.token_bytes(32))
+            entries.append({"name": name, "scopes": [s for s in SCOPES if s in scopes],
+                            "created": rfc3339(time.time()), "sha256": _hash(key)})
+            _write_private(self.path, entries)
         return key
 
     def revoke(self, name):
-        entries = _read_list(self.path)
-        kept = [entry for entry in entries if entry["name"] != name]
-        if len(kept) == len(entries):
-            raise LookupError(f"no key named {name!r}")
-        _write_private(self.path, kept)
+        with _updating(self.path) as entries:
+            kept = [entry for entry in entries if entry.get("name") != name]
+            if len(kept) == len(entries):
+                raise LookupError(f"no key named {name!r}")
+            _write_private(self.path, kept)
 
 
 class GrantSecrets:
@@ -273,19 +288,19 @@ class GrantSecrets:
     def rotate(self, if_missing=False):
         """Sign new grants with a new secret; forget the retired ones no
         grant can still need. With ``if_missing``, only make the first."""
-        entries = _read_list(self.path)
-        if if_missing and entries:
-            return False
-        now = time.time()
-        kept = []
-        for entry in entries:
-            if entry.get("retired") is None:
-                entry["retired"] = now
-            if now < entry["retired"] + self.max_ttl:
-                kept.append(entry)
-        kept.append({"id": secrets.token_hex(4), "secret": secrets.token_hex(32),
-                     "created": rfc3339(now), "retired": None})
-        _write_private(self.path, kept)
+        with _updating(self.path) as entries:
+            if if_missing and entries:
+                return False
+            now = time.time()
+            kept = []
+            for entry in entries:
+                if entry.get("retired") is None:
+                    entry["retired"] = now
+                if now < entry["retired"] + self.max_ttl:
+                    kept.append(entry)
+            kept.append({"id": secrets.token_hex(4), "secret": secrets.token_hex(32),
+                         "created": rfc3339(now), "retired": None})
+            _write_private(self.path, kept)
         return True
 
 

@@ -202,3 +202,17 @@ def test_the_config_takes_origins_and_refuses_what_is_not_one():
     for bad in ("https://app.example/", "app.example", "*", "ftp://x"):
         with pytest.raises(config.ConfigError):
             config.from_dict({"auth": {"cors_origins": bad}})
+
+
+def test_keys_added_at_the_same_time_are_all_kept(gate):
+    barrier = threading.Barrier(8)
+
+    def add(number):
+        barrier.wait()
+        gate.keys.add(f"app{number}", ["upload"])
+    threads = [threading.Thread(target=add, args=(number,)) for number in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(key.name for key in gate.keys.list()) == [f"app{n}" for n in range(8)]
