@@ -51,8 +51,8 @@ SCOPES = ("upload", "grant", "delete")
 #: reason -> (HTTP status, what the client is told). The set is fixed: it is
 #: the label set of imgworker_auth_refusals_total, and public contract.
 REASONS = {
-    "missing": (401, "this upload needs credentials: an API key or an upload grant, "
-                     "as 'Authorization: Bearer ...' or ?grant="),
+    "missing": (401, "credentials are needed: an API key, or for an upload an upload "
+                     "grant, as 'Authorization: Bearer ...' (a grant also as ?grant=)"),
     "invalid": (401, "the credentials are not valid"),
     "expired": (401, "the upload grant has expired"),
     "used": (401, "the upload grant has been used already; ask for a new one"),
@@ -379,8 +379,13 @@ class Gatekeeper:
         if not dot or len(token) > _MAX_TOKEN:
             raise Refusal("invalid")
         try:
-            claims = json.loads(_unb64(payload))
-            given = _unb64(signature)
+            encoded, given = _unb64(payload), _unb64(signature)
+            # Only the one spelling imgworker makes: base64 has others for
+            # the same bytes (the unused low bits of the last character),
+            # and a token changed anywhere must be refused.
+            if _b64(encoded) != payload or _b64(given) != signature:
+                raise ValueError("not canonical base64url")
+            claims = json.loads(encoded)
             secret_id, expires = claims["s"], int(claims["e"])
             owner, max_bytes, nonce = claims["o"], int(claims["m"]), claims["n"]
         except (ValueError, TypeError, KeyError, binascii.Error, RecursionError):

@@ -113,7 +113,7 @@ def test_an_expired_grant_is_refused_as_expired(gate, monkeypatch):
 def test_every_changed_byte_of_a_grant_makes_it_invalid(gate):
     token = gate.issue("u", ttl=60)["grant"]
     body = token[len("imgwg_"):]
-    for position in range(0, len(body), 3):
+    for position in range(len(body)):
         flipped = body[:position] + ("A" if body[position] != "A" else "B") + body[position + 1:]
         status, reason = refusal(gate, bearer("imgwg_" + flipped))
         assert (status, reason) == (401, "invalid"), position
