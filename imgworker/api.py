@@ -29,8 +29,8 @@ import urllib.parse
 from dataclasses import dataclass, field
 from http import HTTPStatus
 
-from . import auth, broker, formats, images, ingest, metrics, multipart
-from .storage import Storage, StorageFull
+from . import auth, broker, erasure, formats, images, ingest, metrics, multipart
+from .storage import LockTimeout, Storage, StorageFull, is_job_id
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +39,9 @@ logger = logging.getLogger(__name__)
 _ROUTES = (
     (re.compile(r"/upload"), {"POST": "upload", "OPTIONS": "preflight"}),
     (re.compile(r"/grants"), {"POST": "grant"}),
-    (re.compile(r"/jobs/(.*)"), {"GET": "job_status", "HEAD": "job_status"}),
+    (re.compile(r"/jobs/(.*)"), {"GET": "job_status", "HEAD": "job_status",
+                                 "DELETE": "delete_job"}),
+    (re.compile(r"/owners/(.+)/jobs"), {"DELETE": "delete_owner_jobs"}),
     (re.compile(r"/renditions/(.*)"), {"GET": "rendition", "HEAD": "rendition"}),
     (re.compile(r"/healthz"), {"GET": "health", "HEAD": "health"}),
     (re.compile(r"/metrics"), {"GET": "metrics", "HEAD": "metrics"}),
@@ -496,8 +498,44 @@ class Api:
     def job_status(self, _environ, job_id):
         job = self.storage.read_job(job_id)
         if job is None:
+            if is_job_id(job_id) and self.storage.is_erased(job_id):
+                raise HTTPError(HTTPStatus.GONE, f"job {job_id} was erased")
             raise HTTPError(HTTPStatus.NOT_FOUND, f"no job with id {job_id!r}")
         return Response(HTTPStatus.OK, job.view())
+
+    # -- DELETE /jobs/<id>, DELETE /owners/<owner>/jobs ---------------------------
+    def delete_job(self, environ, job_id):
+        """Erase a job (erasure.py): 200 once its files are gone, durably,
+        and job.deleted is confirmed; 404 unknown, 410 erased before."""
+        self.gate.admit(environ, "delete")
+        result = self._erase(lambda eraser: eraser.erase([job_id])[job_id])
+        if result is erasure.Result.UNKNOWN:
+            raise HTTPError(HTTPStatus.NOT_FOUND, f"no job with id {job_id!r}")
+        if result is erasure.Result.GONE:
+            raise HTTPError(HTTPStatus.GONE, f"job {job_id} was erased before")
+        return Response(HTTPStatus.OK, {"id": job_id, "erased": True})
+
+    def delete_owner_jobs(self, environ, owner):
+        """Erase every job of an owner: 200 {"owner", "erased": N}."""
+        self.gate.admit(environ, "delete")
+        try:
+            auth.check_owner(owner)
+        except ValueError as error:
+            raise HTTPError(HTTPStatus.BAD_REQUEST, f"owner: {error}") from None
+        erased = self._erase(lambda eraser: eraser.erase_owner(owner))
+        return Response(HTTPStatus.OK, {"owner": owner, "erased": erased})
+
+    def _erase(self, work):
+        try:
+            with erasure.Eraser(self.config, self.storage) as eraser:
+                return work(eraser)
+        except LockTimeout:
+            raise self._unavailable("a worker is writing this job's files; try again") from None
+        except broker.BrokerUnavailable as error:
+            logger.warning("An erasure could not announce job.deleted (%s); the sweep or a "
+                           "retry finishes it.", error)
+            raise self._unavailable("the erasure has begun, but the event queue is "
+                                    "unavailable; try again to finish it") from None
 
     # -- GET /renditions/... --------------------------------------------------
     def rendition(self, _environ, path):

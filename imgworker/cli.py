@@ -122,10 +122,44 @@ def cmd_sweep(args):
         logger.error("Sweep stopped: %s. The next run tries again.", error)
         return 1
     from .auth import forget_spent_grants
+    from .erasure import Eraser
     forgotten = forget_spent_grants(config.storage.root)
+    age = config.api.requeue_after if args.older_than is None else args.older_than
+    try:
+        with Eraser(config) as eraser:
+            finished = eraser.finish_unfinished(age)
+    except broker.BrokerUnavailable as error:
+        logger.error("Sweep stopped: erasures cut short cannot be announced: %s. The next "
+                     "run tries again.", error)
+        return 1
     logger.info("Sweep done: %d jobs queued again, %d unmarked, %d uploads dropped, "
-                "%d expired grants forgotten.", requeued, unmarked, dropped, forgotten)
+                "%d expired grants forgotten, %d erasures finished.", requeued, unmarked,
+                dropped, forgotten, finished)
     return 0
+
+
+def cmd_erase(args):
+    from . import broker
+    from .erasure import Eraser, Result
+    from .storage import LockTimeout
+    if bool(args.ids) == (args.owner is not None):
+        print("imgworker erase: give job ids, or --owner OWNER", file=sys.stderr)
+        return 2
+    config = _load_broker_config(args)
+    log.setup()
+    try:
+        with Eraser(config) as eraser:
+            if args.owner is not None:
+                print(json.dumps({"owner": args.owner, "erased": eraser.erase_owner(args.owner)}))
+                return 0
+            results = eraser.erase(args.ids)
+    except (broker.BrokerUnavailable, LockTimeout) as error:
+        print(f"imgworker: the erasure has begun but is not finished: {error}. Run the same "
+              "command again (or let imgworker sweep finish it).", file=sys.stderr)
+        return 1
+    print(json.dumps({result.value: [job_id for job_id, each in results.items() if each is result]
+                      for result in Result}))
+    return 1 if Result.UNKNOWN in results.values() else 0
 
 
 def cmd_setup_broker(args):
@@ -475,9 +509,10 @@ def build_parser():
 
     sweeper = commands.add_parser("sweep", help="queue uploads a crashed API left behind",
                                   description="Queue again the uploads whose API process died "
-                                              "before the broker confirmed them, and drop "
-                                              "uploads that were never accepted. Run by "
-                                              "imgworker-sweep.timer.")
+                                              "before the broker confirmed them, drop "
+                                              "uploads that were never accepted, finish "
+                                              "erasures cut short and forget expired grants. "
+                                              "Run by imgworker-sweep.timer.")
     sweeper.add_argument("--older-than", type=float, metavar="SECONDS",
                          help="only what is older than this (default: [api] requeue_after)")
     sweeper.set_defaults(func=cmd_sweep)
@@ -493,6 +528,17 @@ def build_parser():
     submit.add_argument("--key", default=os.environ.get("IMGWORKER_KEY"),
                         help="an API key of scope upload, or a grant (default: $IMGWORKER_KEY)")
     submit.set_defaults(func=cmd_submit)
+
+    eraser = commands.add_parser(
+        "erase", help="erase jobs: their original, record and renditions, for good",
+        description="Erase the given jobs, or every job of an owner: remove their files "
+                    "durably, make sure no worker writes them again, and send job.deleted "
+                    "for each. Prints {erased, gone, unknown} as JSON (or {owner, erased} "
+                    "with --owner); exit 1 if an id is unknown or the erasure could not "
+                    "be finished (run it again, or imgworker sweep finishes it).")
+    eraser.add_argument("ids", nargs="*", metavar="ID", help="job ids")
+    eraser.add_argument("--owner", help="every job uploaded for this owner")
+    eraser.set_defaults(func=cmd_erase)
 
     keys = commands.add_parser(
         "keys", help="add, list or revoke API keys",

@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from . import broker
 from .job import State
-from .storage import Storage
+from .storage import Erased, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -166,6 +166,10 @@ def replay(config, job_ids=None):
 
 
 def _replay_one(queue, publisher, letter):
+    if queue.storage.is_erased(letter.job_id):
+        logger.info("Job %s was erased; removing its dead letter.", letter.job_id)
+        queue.remove(letter)
+        return False
     job = queue.storage.read_job(letter.job_id)
     if job is None:
         logger.warning("Job %s has no record below %s: it cannot be replayed (left in the "
@@ -177,7 +181,12 @@ def _replay_one(queue, publisher, letter):
         return False
     if job.state is State.FAILED:
         job.replay()
-        queue.storage.write_job(job)
+        try:
+            queue.storage.write_job(job)
+        except Erased:                  # erased since it was read
+            logger.info("Job %s was erased; removing its dead letter.", job.id)
+            queue.remove(letter)
+            return False
     # (a record already queued: an earlier replay stopped before removing
     # the dead letter; the message goes out again)
     publisher.publish(job.id, broker.job_message(job.id, job.original["format"]))

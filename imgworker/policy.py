@@ -34,7 +34,7 @@ from . import broker, images, ingest, waits
 from .job import Job, State
 from .log import JobLog
 from .renderer import RenderTimeout
-from .storage import StorageFull
+from .storage import Erased, StorageFull
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +122,8 @@ class JobPolicy:
         log = JobLog(logger, job_id)
         try:
             return self._begin(log, redelivered)
+        except Erased:
+            return self._erased(log)
         except Exception:  # noqa: BLE001 - a bug must not stall the worker
             log.exception("dead-lettered after an unexpected error.")
             return Outcome(Decision.DEAD_LETTER)
@@ -135,6 +137,8 @@ class JobPolicy:
         self._step(job.id)
         try:
             return self._finish(rendered)
+        except Erased:
+            return self._erased(log)
         except Exception:  # noqa: BLE001 - a bug must not stall the worker
             log.exception("dead-lettered after an unexpected error.")
             return Outcome(Decision.DEAD_LETTER)
@@ -146,6 +150,8 @@ class JobPolicy:
         job_id = log.job_id
         if not self._when_storage_in_sight(log):
             return Outcome(Decision.REQUEUE)
+        if self.storage.is_erased(job_id):
+            return self._erased(log)
         job = self.storage.read_job(job_id)
         if job is None:
             # The API removes state and original when the broker did not
@@ -189,6 +195,8 @@ class JobPolicy:
             if not self._when_space(log, render):
                 return Outcome(Decision.REQUEUE)
             return rendered[0]
+        except Erased:
+            raise
         except (images.BadImage, images.UnsupportedFormat) as error:
             return self._fail(job, log, f"the image cannot be processed: {error}")
         except RenderTimeout as error:
@@ -214,6 +222,8 @@ class JobPolicy:
         done.finish(renditions, rendered.seconds)
         try:
             self.storage.commit_renditions(job.id, staged.files)
+        except Erased:
+            raise
         except StorageFull as error:
             return self._render_again(rendered, error)
         except Exception as error:  # noqa: BLE001 - bounded by max_attempts
@@ -221,6 +231,8 @@ class JobPolicy:
         try:
             if not self._when_space(log, lambda: self.storage.write_job(done)):
                 return Outcome(Decision.REQUEUE)
+        except Erased:
+            raise
         except Exception as error:  # noqa: BLE001 - bounded by max_attempts
             return self._retry(job, log, job.attempts, error)
         self._count("done")
@@ -291,12 +303,20 @@ class JobPolicy:
         self._when_space(log, lambda: self.storage.write_job(rendered.before))
         return Outcome(Decision.REQUEUE)
 
+    def _erased(self, log):
+        """The job was erased (before this delivery, or while in hand):
+        nothing of it is written, no event sent, the delivery acknowledged."""
+        log.info("erased; the delivery is dropped and nothing of the job written.")
+        return Outcome(Decision.ACK)
+
     def _fail(self, job, log, reason):
         log.error("failed: %s", reason)
         self._count("failed")
         job.fail(reason)
         try:
             self.storage.write_job(job)
+        except Erased:
+            raise
         except (OSError, StorageFull) as error:
             log.error("could not record the failure (%s); it is dead-lettered all the same.",
                       error)

@@ -6,6 +6,14 @@ crash at any instant leaves either the old file or the new one, never half.
     ROOT/jobs/<id>.json             the job's record (job.py), the only datastore
     ROOT/jobs/<id>.pending          upload stored, broker not yet confirmed
     ROOT/grants/<nonce>             an upload grant spent (auth.py)
+    ROOT/owners/<owner hash>/<id>   the owner's jobs, for erasure by owner
+    ROOT/tombstones/<id>            the job was erased: nothing of it is
+                                    ever written again (erasure.py)
+    ROOT/erasing/<id>               an erasure not yet finished (the sweep
+                                    finishes it)
+    ROOT/.locks                     one lock per job (a byte range), held
+                                    around every write of the job once
+                                    uploaded, and around its tombstone
     ROOT/.imgworker-storage         "this is the storage the API writes to"
 
 Paths are a pure function of the job id and rendition, so a redelivered job
@@ -13,8 +21,11 @@ overwrites its own files instead of adding new ones.
 """
 
 import collections
+import contextlib
 import ctypes
 import errno
+import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -32,6 +43,70 @@ _JOB_ID = re.compile(r"[0-9a-f]{32}")
 
 class StorageFull(Exception):
     """The storage root has no space (or inodes) left."""
+
+
+class Erased(Exception):
+    """The job was erased: nothing of it may be written again."""
+
+
+class LockTimeout(Exception):
+    """A job's lock was held by another process for longer than asked."""
+
+
+def owner_key(owner):
+    """The owner index's directory name for an owner: any string, as a
+    fixed-length name that says nothing of it."""
+    return hashlib.sha256(owner.encode()).hexdigest()[:32]
+
+
+class _JobLocks:
+    """POSIX byte-range locks on one file, ROOT/.locks: the byte at an
+    offset taken from the job id is that job's lock. They hold across the
+    processes of a host and across the hosts of a shared filesystem that
+    has locks (NFSv4, CephFS), with no file per job. They are a process's,
+    not a thread's: within a process, callers must not take one job's lock
+    from two threads at once (a worker handles a job in one thread at a
+    time; an API thread takes it only to write a tombstone). One
+    descriptor per process and root, never closed: closing any descriptor
+    of the file drops every lock the process holds on it."""
+
+    _open = {}                      # (pid, path) -> fd
+    _guard = threading.Lock()
+
+    def __init__(self, root):
+        self.path = os.path.join(root, ".locks")
+
+    def _fd(self):
+        key = (os.getpid(), self.path)
+        with self._guard:
+            if key not in self._open:
+                self._open[key] = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            return self._open[key]
+
+    @contextlib.contextmanager
+    def held(self, job_id, timeout=None):
+        """The job's lock for the block; with ``timeout`` (seconds),
+        LockTimeout if another process holds it that long."""
+        fd, offset = self._fd(), int(job_id[:15], 16)
+        if timeout is None:
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
+        else:
+            deadline = time.monotonic() + timeout
+            while True:
+                try:
+                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
+                    break
+                except OSError as error:
+                    if error.errno not in (errno.EAGAIN, errno.EACCES):
+                        raise
+                    if time.monotonic() > deadline:
+                        raise LockTimeout(f"job {job_id} is being written by another "
+                                          "process") from None
+                    time.sleep(0.01)
+        try:
+            yield
+        finally:
+            fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
 
 
 def new_job_id():
@@ -233,6 +308,7 @@ class Storage:
     def __init__(self, root):
         self.root = root
         self._group_sync = GroupSync(root)
+        self._locks = _JobLocks(root)
 
     @property
     def marker_path(self):
@@ -276,7 +352,9 @@ class Storage:
             os.makedirs(self.root, exist_ok=True)
             self._write_marker()
         for part, mode in (("originals", _PRIVATE_DIR), ("jobs", _PRIVATE_DIR),
-                           ("grants", _PRIVATE_DIR), ("renditions", _PUBLIC_DIR)):
+                           ("grants", _PRIVATE_DIR), ("owners", _PRIVATE_DIR),
+                           ("tombstones", _PRIVATE_DIR), ("erasing", _PRIVATE_DIR),
+                           ("renditions", _PUBLIC_DIR)):
             path = os.path.join(self.root, part)
             os.makedirs(path, mode, exist_ok=True)
             if os.stat(path).st_mode & 0o777 != mode:
@@ -306,6 +384,8 @@ class Storage:
             _create(self.original_path(job.id), data)
             _create(temp, job.to_json())
             _mark(temp, self._pending_path(job.id))
+            if job.owner is not None:
+                self._index_owner(job.owner, job.id)
             os.rename(temp, record)
             self._group_sync.wait()
         except OSError as error:
@@ -334,8 +414,11 @@ class Storage:
             for rendition, data in outputs}, _PUBLIC_FILE)
 
     def commit_renditions(self, job_id, staged):
-        """Make staged renditions durable under their names (see commit())."""
-        commit(self.rendition_dir(job_id), staged)
+        """Make staged renditions durable under their names (see commit()).
+        Erased if the job was erased meanwhile: then the staged files are
+        removed instead, and the directory if nothing else is in it."""
+        with self.unless_erased(job_id, discard=staged):
+            commit(self.rendition_dir(job_id), staged)
 
     # -- job state ---------------------------------------------------------
     def read_job(self, job_id):
@@ -343,7 +426,112 @@ class Storage:
         return jobs.read(self.root, job_id) if is_job_id(job_id) else None
 
     def write_job(self, job):
-        write_atomically(self._job_path(job.id), job.to_json())
+        """The job's record, durably; Erased if the job was erased."""
+        with self.unless_erased(job.id):
+            write_atomically(self._job_path(job.id), job.to_json())
+
+    # -- erasure (erasure.py) ----------------------------------------------------
+    @contextlib.contextmanager
+    def unless_erased(self, job_id, discard=None, timeout=None):
+        """Run the block under the job's lock if it has no tombstone; else
+        Erased (removing ``discard``, staged files, first). An erasure writes
+        the tombstone under the same lock, so nothing written in such a
+        block outlives the erasure that follows it, and nothing is written
+        after."""
+        with self._locks.held(job_id, timeout):
+            if self.is_erased(job_id):
+                if discard:
+                    _discard(discard)
+                    try:
+                        os.rmdir(self.rendition_dir(job_id))
+                    except OSError:
+                        pass            # gone already, or not empty: not ours
+                raise Erased(job_id)
+            yield
+
+    def tombstone_path(self, job_id):
+        return os.path.join(self.root, "tombstones", job_id)
+
+    def is_erased(self, job_id):
+        return os.path.exists(self.tombstone_path(job_id))
+
+    def read_tombstone(self, job_id):
+        try:
+            with open(self.tombstone_path(job_id), "rb") as handle:
+                return json.loads(handle.read())
+        except FileNotFoundError:
+            return None
+
+    def lay_tombstone(self, tombstone, timeout):
+        """Write a job's tombstone (a dict with its "id") under the job's
+        lock, and its erasing mark; not yet durable (sync()). False if it
+        had one already."""
+        job_id = tombstone["id"]
+        with self._locks.held(job_id, timeout):
+            if self.is_erased(job_id):
+                return False
+            _create(os.path.join(self.root, "erasing", job_id), b"")
+            _create(self.tombstone_path(job_id), json.dumps(tombstone).encode())
+        return True
+
+    def update_tombstone(self, tombstone):
+        write_atomically(self.tombstone_path(tombstone["id"]), json.dumps(tombstone).encode())
+
+    def finish_erasing(self, job_id):
+        """The erasure of job_id is over: its erasing mark goes."""
+        try:
+            os.unlink(os.path.join(self.root, "erasing", job_id))
+        except FileNotFoundError:
+            pass
+
+    def unfinished_erasures(self, older_than=0):
+        return self._older(os.path.join(self.root, "erasing"), "", older_than)
+
+    def remove_job_files(self, job_id, owner):
+        """Every file of an erased job: renditions, original, record,
+        pending mark, owner index entry; not yet durable (sync())."""
+        directory = self.rendition_dir(job_id)
+        try:
+            names = os.listdir(directory)
+        except FileNotFoundError:
+            names = []
+        paths = [os.path.join(directory, name) for name in names]
+        paths += [self.original_path(job_id), self._job_path(job_id),
+                  self._pending_path(job_id)]
+        if owner is not None:
+            paths.append(os.path.join(self.root, "owners", owner_key(owner), job_id))
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+        try:
+            os.rmdir(directory)
+        except FileNotFoundError:
+            pass
+
+    def has_files(self, job_id):
+        return any(os.path.exists(path) for path in (
+            self._job_path(job_id), self.original_path(job_id), self.rendition_dir(job_id)))
+
+    def sync(self):
+        """Make every change this process made below the root durable."""
+        self._group_sync.wait()
+
+    def _index_owner(self, owner, job_id):
+        directory = os.path.join(self.root, "owners", owner_key(owner))
+        os.makedirs(directory, _PRIVATE_DIR, exist_ok=True)
+        _create(os.path.join(directory, job_id), b"")
+
+    def owner_jobs(self, owner):
+        """The ids of the owner's jobs: one directory read, whatever else is
+        stored."""
+        try:
+            return sorted(name for name in os.listdir(os.path.join(self.root, "owners",
+                                                                   owner_key(owner)))
+                          if is_job_id(name))
+        except FileNotFoundError:
+            return []
 
     def forget_job(self, job_id):
         """Remove an upload the broker never accepted (the client got 503)."""

@@ -35,7 +35,7 @@ import pika.exceptions
 from . import broker, images, metrics, waits
 from .policy import Decision, JobPolicy, Outcome, Rendered
 from .renderer import Renderer
-from .storage import Storage
+from .storage import Erased, Storage
 
 logger = logging.getLogger(__name__)
 
@@ -260,10 +260,17 @@ class Worker:
 
     def _publish_event(self, job):
         """On the I/O thread: the job's end to the events exchange, confirmed.
-        False if the broker refused it."""
+        False if the broker refused it, None if the job was erased (nothing
+        sent)."""
         routing_key, body, properties = broker.job_event(job)
         try:
-            self._events.basic_publish(broker.EVENTS_EXCHANGE, routing_key, body, properties)
+            # Under the job's lock, and only if it was not erased: an
+            # erasure's job.deleted then never comes before this event.
+            with self.policy.storage.unless_erased(job.id):
+                self._events.basic_publish(broker.EVENTS_EXCHANGE, routing_key, body, properties)
+        except Erased:
+            logger.info("Job %s was erased: its %s event is not sent.", job.id, routing_key)
+            return None
         except pika.exceptions.NackError:
             logger.warning("The broker refused the %s event of job %s; the job is handed "
                            "back, and its event sent again.", routing_key, job.id)
@@ -283,10 +290,11 @@ class Worker:
             # The event before the ack: dying in between sends it twice
             # (the redelivery finds the job ended and sends it again), never
             # zero times.
-            if ended is not None and not self._publish_event(ended):
+            sent = True if ended is None else self._publish_event(ended)
+            if sent is False:
                 channel.basic_nack(tag, requeue=True)
                 return
-            if decision is Decision.ACK:
+            if decision is Decision.ACK or sent is None:    # None: erased, nothing to keep
                 channel.basic_ack(tag)
             elif decision is Decision.DEAD_LETTER:
                 channel.basic_reject(tag, requeue=False)

@@ -108,7 +108,8 @@ def test_submit_wait_stops_at_every_state_the_job_module_calls_finished(grown_st
                     (200, {"id": "0" * 32, "state": "processing"}),
                     (200, {"id": "0" * 32, "state": "cancelled"})])
     monkeypatch.setattr(grown_cli, "_request", lambda *args, **kwargs: next(answers))
-    args = argparse.Namespace(url="http://127.0.0.1:1", file=str(photo), wait=True, timeout=30)
+    args = argparse.Namespace(url="http://127.0.0.1:1", file=str(photo), wait=True, timeout=30,
+                              key=None)
 
     assert grown_cli.cmd_submit(args) == 1
 
