@@ -326,7 +326,11 @@ def _token(environ):
     if header:
         return ""               # some other scheme: not credentials we take
     grants = urllib.parse.parse_qs(environ.get("QUERY_STRING", "")).get("grant")
-    return grants[0] if grants else None
+    if not grants:
+        return None
+    # Only a grant travels in the URL (and so into access logs): spent or
+    # expired soon, it is worth little there; a key must not be.
+    return grants[0] if grants[0].startswith(GRANT_PREFIX) else ""
 
 
 class Gatekeeper:

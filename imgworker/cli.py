@@ -62,6 +62,21 @@ def _prepare_storage(config, marker=False):
         raise SystemExit(EXIT_CONFIG) from None
 
 
+def _as_storage_owner(config):
+    """Run as the user who owns the storage root (imgworker) from here on,
+    when started as root: what an operator's command writes there (a
+    tombstone, a record) must stay readable by the services. The config,
+    with its secrets, is read before."""
+    try:
+        owner = os.stat(config.storage.root)
+    except FileNotFoundError:
+        return
+    if os.geteuid() == 0 and owner.st_uid != 0:
+        os.setgroups([])
+        os.setgid(owner.st_gid)
+        os.setuid(owner.st_uid)
+
+
 def _prepare_process(config, allocation=None):
     """What a long-running role needs whoever started it: its metrics in
     the host's metrics directory, and its role's malloc thresholds
@@ -114,16 +129,17 @@ def cmd_worker(args):
 def cmd_sweep(args):
     from . import broker
     from .ingest import recover
+    from .auth import forget_spent_grants
     config = _load_broker_config(args)
+    _as_storage_owner(config)
     log.setup()
+    forgotten = forget_spent_grants(config.storage.root)     # needs no broker
     try:
         requeued, unmarked, dropped = recover(config, args.older_than)
     except broker.BrokerUnavailable as error:
         logger.error("Sweep stopped: %s. The next run tries again.", error)
         return 1
-    from .auth import forget_spent_grants
     from .erasure import Eraser
-    forgotten = forget_spent_grants(config.storage.root)
     age = config.api.requeue_after if args.older_than is None else args.older_than
     try:
         with Eraser(config) as eraser:
@@ -146,6 +162,7 @@ def cmd_erase(args):
         print("imgworker erase: give job ids, or --owner OWNER", file=sys.stderr)
         return 2
     config = _load_broker_config(args)
+    _as_storage_owner(config)
     log.setup()
     try:
         with Eraser(config) as eraser:
@@ -199,6 +216,7 @@ def cmd_migrate_queues(args):
 def cmd_dlq(args):
     from . import broker, dead_letters
     config = _load_broker_config(args)
+    _as_storage_owner(config)           # replay writes records
     log.setup()
     try:
         if args.action == "list":

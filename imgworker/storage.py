@@ -359,6 +359,9 @@ class Storage:
             os.makedirs(path, mode, exist_ok=True)
             if os.stat(path).st_mode & 0o777 != mode:
                 os.chmod(path, mode)
+        # Made here, by the services' user, so that a command run as root
+        # later does not make it root's.
+        os.close(os.open(self._locks.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
 
     # -- originals ---------------------------------------------------------
     def save_original(self, job_id, data):

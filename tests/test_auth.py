@@ -63,7 +63,8 @@ def test_wrong_keys_and_other_schemes_are_all_just_invalid(gate):
     key = gate.keys.add("app", ["upload"])
     for environ in (bearer(key[:-1] + ("A" if key[-1] != "A" else "B")),
                     bearer("imgwk_" + "x" * 2000), bearer("hello"),
-                    {"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(b"a:b").decode()}):
+                    {"HTTP_AUTHORIZATION": "Basic " + base64.b64encode(b"a:b").decode()},
+                    {"QUERY_STRING": "grant=" + key}):      # a key never in a URL
         assert refusal(gate, environ) == (401, "invalid")
 
 
