@@ -45,6 +45,10 @@ def conforms(response, method, path):
     declared = resolved(operation["responses"][status])
     for header in declared.get("headers", {}):
         assert header in response.headers, f"{method} {path} {status} lacks {header}"
+    if "content" not in declared:
+        assert not response.content, f"{method} {path} {status} has a body the document lacks"
+        CHECKED.add((method, path, status))
+        return response
     content_type = response.headers["Content-Type"].split(";")[0].strip()
     media = declared["content"]
     match = next((name for name in media if name == content_type
@@ -66,7 +70,11 @@ def test_the_document_is_a_valid_openapi_3_1_description():
 
 
 def test_every_answer_of_the_running_api_is_the_documented_one(make_pipeline):
-    pipeline = make_pipeline(api={"max_upload_bytes": "2000000"})
+    origin = "https://app.example"
+    pipeline = make_pipeline(api={"max_upload_bytes": "2000000"},
+                             auth={"cors_origins": origin})
+    app_key = pipeline.add_key("app", "upload,grant")
+    upload_key = pipeline.add_key("uploader", "upload")
     pipeline.start_api()
     pipeline.start_worker()
     post = pipeline.upload
@@ -85,6 +93,47 @@ def test_every_answer_of_the_running_api_is_the_documented_one(make_pipeline):
              "POST", "/upload")
     conforms(pipeline_get(pipeline, "/upload"), "POST", "/upload")        # 405
 
+    # credentials (issue 23): grants, refusals, the CORS preflight
+    def grants(body=None, key=app_key, **kwargs):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return conforms(requests.post(pipeline.base_url + "/grants", json=body, headers=headers,
+                                      timeout=10, **kwargs), "POST", "/grants")
+    grant = grants({"owner": "user-1", "max_bytes": 1000, "ttl": 60})
+    assert grant.status_code == 201
+    assert grants({"owner": "user-1"}, key=None).status_code == 401
+    assert grants({"owner": "user-1"}, key=upload_key).status_code == 403
+    assert grants(data=b"{not json").status_code == 400
+    assert grants({"max_bytes": 10}).status_code == 422
+    bearer = {"Authorization": "Bearer " + grant.json()["grant"]}
+    too_large = conforms(post(samples.jpeg(320, 240), headers=bearer), "POST", "/upload")
+    assert (too_large.status_code, too_large.json()["reason"]) == (413, "too_large")
+    wrong = conforms(post(samples.jpeg(64, 48), headers={"Authorization": "Bearer imgwk_x"}),
+                     "POST", "/upload")
+    assert (wrong.status_code, wrong.json()["reason"]) == (401, "invalid")
+    small = grants({"owner": "user-1"}).json()["upload_url"]
+    spent = requests.post(pipeline.base_url + small, files={"file": samples.jpeg(64, 48)},
+                          timeout=30)
+    assert conforms(spent, "POST", "/upload").status_code == 202
+    again = requests.post(pipeline.base_url + small, files={"file": samples.jpeg(64, 48)},
+                          timeout=30)
+    assert conforms(again, "POST", "/upload").json()["reason"] == "used"
+    scoped = conforms(post(samples.jpeg(64, 48), params={"owner": "user-2"},
+                           headers={"Authorization": f"Bearer {app_key}", "Origin": origin}),
+                      "POST", "/upload")
+    assert (scoped.status_code, scoped.headers["Access-Control-Allow-Origin"]) == (202, origin)
+    preflight = requests.options(pipeline.base_url + "/upload", timeout=10, headers={
+        "Origin": origin, "Access-Control-Request-Method": "POST",
+        "Access-Control-Request-Headers": "authorization"})
+    assert conforms(preflight, "OPTIONS", "/upload").status_code == 204
+    # nginx's auth_request, asked directly
+    ask = pipeline.base_url + "/auth/upload"
+    assert conforms(requests.get(ask, timeout=10), "GET", "/auth/upload").status_code == 204
+    forged = {"X-Original-URI": "/upload?grant=imgwg_x"}
+    assert conforms(requests.get(ask, timeout=10, headers=forged),
+                    "GET", "/auth/upload").status_code == 401
+    assert conforms(requests.get(ask, timeout=10, headers={"Authorization": f"Bearer {app_key}"}),
+                    "GET", "/auth/upload").status_code == 204
+
     queued = conforms(pipeline_get(pipeline, raw.json()["status_url"]), "GET", "/jobs/{id}")
     assert queued.json()["state"] in ("queued", "processing", "done")
     done = pipeline.wait_job(raw.json()["id"])
@@ -100,6 +149,21 @@ def test_every_answer_of_the_running_api_is_the_documented_one(make_pipeline):
     conforms(pipeline_get(pipeline, "/healthz"), "GET", "/healthz")
     conforms(pipeline_get(pipeline, "/metrics"), "GET", "/metrics")
 
+    # erasure (issue 24): a key of scope delete; 404 unknown, 410 twice
+    eraser = pipeline.add_key("ops", "delete")
+
+    def delete(path, key=eraser):
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
+        return requests.delete(pipeline.base_url + path, headers=headers, timeout=30)
+    assert conforms(delete(f"/jobs/{bad}", key=None), "DELETE", "/jobs/{id}").status_code == 401
+    assert conforms(delete(f"/jobs/{bad}", key=app_key), "DELETE", "/jobs/{id}").status_code == 403
+    assert conforms(delete(f"/jobs/{bad}"), "DELETE", "/jobs/{id}").status_code == 200
+    assert conforms(delete(f"/jobs/{bad}"), "DELETE", "/jobs/{id}").status_code == 410
+    assert conforms(delete("/jobs/" + "0" * 32), "DELETE", "/jobs/{id}").status_code == 404
+    assert conforms(pipeline_get(pipeline, f"/jobs/{bad}"), "GET", "/jobs/{id}").status_code == 410
+    erased = conforms(delete("/owners/user-2/jobs"), "DELETE", "/owners/{owner}/jobs")
+    assert erased.json() == {"owner": "user-2", "erased": 1}
+
     # the broker's disk alarm: uploads get 503 + Retry-After, and so does /healthz
     rabbitmqctl("set_disk_free_limit", "100000GB")
     try:
@@ -113,8 +177,13 @@ def test_every_answer_of_the_running_api_is_the_documented_one(make_pipeline):
         rabbitmqctl("set_disk_free_limit", "50MB")
 
     answered = {(method, path, status) for method, path, status in CHECKED}
-    for status in ("202", "400", "405", "413", "415", "422", "503"):
+    for status in ("202", "400", "401", "405", "413", "415", "422", "503"):
         assert ("POST", "/upload", status) in answered, status
+    for status in ("201", "400", "401", "403", "422"):
+        assert ("POST", "/grants", status) in answered, status
+    assert ("OPTIONS", "/upload", "204") in answered
+    for status in ("200", "401", "403", "404", "410"):
+        assert ("DELETE", "/jobs/{id}", status) in answered, status
     assert {("GET", "/jobs/{id}", "200"), ("GET", "/jobs/{id}", "404"),
             ("GET", "/renditions/{id}/{file}", "200"), ("GET", "/renditions/{id}/{file}", "404"),
             ("GET", "/healthz", "200"), ("GET", "/metrics", "200")} <= answered
