@@ -154,6 +154,24 @@ def cmd_sweep(args):
     return 0
 
 
+def cmd_gc(args):
+    from . import broker
+    from .retention import collect
+    config = _load_broker_config(args)
+    _as_storage_owner(config)
+    _prepare_process(config)
+    log.setup()
+    try:
+        collected = collect(config, now=args.now)
+    except broker.BrokerUnavailable as error:
+        logger.error("gc stopped: jobs were erased but job.deleted could not be sent: %s. "
+                     "imgworker sweep finishes them.", error)
+        return 1
+    logger.info("gc done: %d originals removed, %d jobs erased (%d index entries read).",
+                collected.originals, collected.erased, collected.read)
+    return 0
+
+
 def cmd_erase(args):
     from . import broker
     from .erasure import Eraser, Result
@@ -163,6 +181,7 @@ def cmd_erase(args):
         return 2
     config = _load_broker_config(args)
     _as_storage_owner(config)
+    _prepare_process(config)
     log.setup()
     try:
         with Eraser(config) as eraser:
@@ -557,6 +576,18 @@ def build_parser():
     eraser.add_argument("ids", nargs="*", metavar="ID", help="job ids")
     eraser.add_argument("--owner", help="every job uploaded for this owner")
     eraser.set_defaults(func=cmd_erase)
+
+    collector = commands.add_parser(
+        "gc", help="apply [retention]: remove originals and erase jobs past their periods",
+        description="Remove the originals of jobs that ended more than [retention] "
+                    "originals ago, and erase done jobs past [retention] renditions and "
+                    "failed ones past [retention] failed (job.deleted, reason retention). "
+                    "Reads only the jobs that ended since its last run's cutoff. Run by "
+                    "imgworker-gc.timer.")
+    collector.add_argument("--now", type=float, metavar="UNIX_TIME",
+                           help="act as if it were this Unix time (for tests; what is "
+                                "past its periods then is removed for real)")
+    collector.set_defaults(func=cmd_gc)
 
     keys = commands.add_parser(
         "keys", help="add, list or revoke API keys",

@@ -116,6 +116,33 @@ def _queue_type(raw):
     return raw
 
 
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text):
+    """Seconds in "90", "90s", "15m", "12h" or "7d"."""
+    text = text.strip().lower()
+    unit = _UNITS.get(text[-1:], None)
+    number = text[:-1] if unit else text
+    try:
+        seconds = float(number) * (unit or 1)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a duration (e.g. 90s, 15m, 12h, 7d)") from None
+    if seconds < 0:
+        raise ValueError(f"{text!r}: a duration is not negative")
+    return seconds
+
+
+def _retention(raw):
+    """Seconds, or None for forever."""
+    if raw.strip().lower() == "forever":
+        return None
+    seconds = parse_duration(raw)
+    if not seconds > 0:
+        raise ValueError("must be a duration above 0 (90s, 15m, 12h, 30d) or forever")
+    return seconds
+
+
 def _boolean(raw):
     value = raw.lower()
     if value in ("true", "yes", "on", "1"):
@@ -296,6 +323,24 @@ SCHEMA = {
                                "may upload from the browser with a grant: they get "
                                "Access-Control-Allow-Origin on /upload and /jobs. Empty: no "
                                "page of another origin may."),
+    },
+    "retention": {
+        "originals": Option("30d", _retention,
+                            "How long an upload's original is kept after its job ends "
+                            "(90s, 15m, 12h, 30d, or forever). Originals are the copies "
+                            "with the camera's EXIF, GPS position included, and nothing "
+                            "serves them: the renditions are what the app shows. 30 days "
+                            "leaves time to replay a failed job or render a new rendition "
+                            "set; after that only the renditions stay, and GET /jobs/<id> "
+                            "says the original was removed."),
+        "renditions": Option("forever", _retention,
+                             "How long a done job's renditions and record are kept after it "
+                             "ended. forever: they are what the app serves, and it erases "
+                             "a person's photos when asked (DELETE /owners/<owner>/jobs); "
+                             "set a period if the app's own policy has one."),
+        "failed": Option("30d", _retention,
+                         "How long a failed job's original and record are kept after it "
+                         "failed: time for a person to look at why and replay it."),
     },
     "webhook": {
         "url": Option("", _webhook_url,

@@ -30,6 +30,7 @@ import logging
 from dataclasses import dataclass
 
 from . import broker
+from .config import parse_duration  # noqa: F401 - the dlq's --older-than
 from .job import State
 from .storage import Erased, Storage
 
@@ -209,20 +210,3 @@ def purge(config, older_than=None):
             queue.remove(letter)
             removed += 1
     return removed
-
-
-_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def parse_duration(text):
-    """Seconds in "90", "90s", "15m", "12h" or "7d"."""
-    text = text.strip().lower()
-    unit = _UNITS.get(text[-1:], None)
-    number = text[:-1] if unit else text
-    try:
-        seconds = float(number) * (unit or 1)
-    except ValueError:
-        raise ValueError(f"{text!r} is not a duration (e.g. 90s, 15m, 12h, 7d)") from None
-    if seconds < 0:
-        raise ValueError(f"{text!r}: a duration is not negative")
-    return seconds

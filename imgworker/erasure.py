@@ -28,7 +28,7 @@ import time
 
 import pika
 
-from . import broker
+from . import broker, metrics
 from .log import JobLog
 from .storage import Storage, is_job_id
 
@@ -96,7 +96,8 @@ class Eraser:
                 results[job_id] = Result.UNKNOWN
                 continue
             tombstone = {"id": job_id, "owner": job.owner if job else None, "reason": reason,
-                         "at": time.time(), "announced": False}
+                         "ended": job.ended if job else None, "at": time.time(),
+                         "announced": False}
             if self.storage.lay_tombstone(tombstone, LOCK_TIMEOUT):
                 results[job_id] = Result.ERASED
                 begun.append(tombstone)
@@ -129,13 +130,15 @@ class Eraser:
         if not tombstones:
             return
         for tombstone in tombstones:
-            self.storage.remove_job_files(tombstone["id"], tombstone.get("owner"))
+            self.storage.remove_job_files(tombstone["id"], tombstone.get("owner"),
+                                          tombstone.get("ended"))
         self.storage.sync()
         for tombstone in tombstones:
             if not tombstone.get("announced"):
                 self._announce(tombstone)
                 tombstone["announced"] = True
                 self.storage.update_tombstone(tombstone)
+                metrics.count_erased(tombstone.get("reason", "request"))
             self.storage.finish_erasing(tombstone["id"])
             JobLog(logger, tombstone["id"]).info(
                 "erased (%s): its original, record and renditions are gone.",

@@ -68,6 +68,8 @@ class Job:
     #: carry it to the app; GET /jobs/<id> never shows it.
     owner: str = None
     started_at: float = None
+    #: when it ended (done or failed): retention counts from here
+    ended_at: float = None
     seconds: float = None
     updated_at: float = None
 
@@ -110,10 +112,25 @@ class Job:
     def finish(self, renditions, seconds):
         self._move(State.DONE)
         self.renditions, self.seconds, self.error = renditions, seconds, None
+        self.ended_at = self.updated_at
 
     def fail(self, reason):
         self._move(State.FAILED)
         self.error = reason
+        self.ended_at = self.updated_at
+
+    @property
+    def ended(self):
+        """When it ended, or None; a record from before ended_at has its
+        last change."""
+        if not self.state.finished:
+            return None
+        return self.ended_at if self.ended_at is not None else self.updated_at
+
+    def original_removed(self, when):
+        """Retention took the original away; the renditions stay."""
+        self.original = {**self.original, "removed": when}
+        self.updated_at = time.time()
 
     def requeue(self, reason):
         self._move(State.QUEUED)
@@ -127,6 +144,7 @@ class Job:
                              f"{self.state.value} one")
         self.state, self.updated_at = State.QUEUED, time.time()
         self.attempts, self.last_error, self.error = 0, self.error, None
+        self.ended_at = None
 
     def event(self):
         """The body of the event that says it ended: what GET /jobs/<id>

@@ -56,6 +56,13 @@ class _Families:
                                      ["reason"])
         for reason in auth.REASONS:     # every series exists from the start, at 0
             self.auth_refusals.labels(reason)
+        self.erased = Counter("imgworker_erased", "Jobs erased, by reason: request (DELETE, "
+                              "imgworker erase) or retention (imgworker gc).", ["reason"])
+        for reason in ("request", "retention"):
+            self.erased.labels(reason)
+        self.originals_removed = Counter("imgworker_originals_removed", "Originals removed by "
+                                         "imgworker gc after [retention] originals; their "
+                                         "jobs' renditions stay.")
 
     def register_in(self, registry):
         for family in vars(self).values():
@@ -184,3 +191,11 @@ def count_webhook(outcome):
 
 def count_auth_refusal(reason):
     _get().auth_refusals.labels(reason).inc()
+
+
+def count_erased(reason):
+    _get().erased.labels(reason).inc()
+
+
+def count_original_removed():
+    _get().originals_removed.inc()

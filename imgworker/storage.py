@@ -11,6 +11,8 @@ crash at any instant leaves either the old file or the new one, never half.
                                     ever written again (erasure.py)
     ROOT/erasing/<id>               an erasure not yet finished (the sweep
                                     finishes it)
+    ROOT/ended/<hour>/<id>          jobs by the hour they ended in, for gc
+    ROOT/gc.json                    how far gc has read the ended index
     ROOT/.locks                     one lock per job (a byte range), held
                                     around every write of the job once
                                     uploaded, and around its tombstone
@@ -354,6 +356,7 @@ class Storage:
         for part, mode in (("originals", _PRIVATE_DIR), ("jobs", _PRIVATE_DIR),
                            ("grants", _PRIVATE_DIR), ("owners", _PRIVATE_DIR),
                            ("tombstones", _PRIVATE_DIR), ("erasing", _PRIVATE_DIR),
+                           ("ended", _PRIVATE_DIR),
                            ("renditions", _PUBLIC_DIR)):
             path = os.path.join(self.root, part)
             os.makedirs(path, mode, exist_ok=True)
@@ -429,9 +432,75 @@ class Storage:
         return jobs.read(self.root, job_id) if is_job_id(job_id) else None
 
     def write_job(self, job):
-        """The job's record, durably; Erased if the job was erased."""
+        """The job's record, durably; Erased if the job was erased. A job
+        that ended is entered in the index retention reads (ended_path)
+        first, so a record that says it ended always has its entry."""
         with self.unless_erased(job.id):
+            if job.ended is not None:
+                self._enter_ended(job.id, job.ended)
             write_atomically(self._job_path(job.id), job.to_json())
+
+    # -- retention (retention.py) -------------------------------------------------
+    #: The ended index: ROOT/ended/<hour>/<id>, hour = the Unix hour the job
+    #: ended in. gc reads only the hours whose jobs may have expired.
+    HOUR = 3600
+
+    def ended_path(self, job_id, ended):
+        return os.path.join(self.root, "ended", str(int(ended // self.HOUR)), job_id)
+
+    def _enter_ended(self, job_id, ended):
+        path = self.ended_path(job_id, ended)
+        if os.path.exists(path):
+            return
+        for _attempt in range(3):       # gc or an erasure may remove an hour left empty
+            os.makedirs(os.path.dirname(path), _PRIVATE_DIR, exist_ok=True)
+            try:
+                os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+                break
+            except FileNotFoundError:
+                continue
+        _fsync_dir(os.path.dirname(path))
+
+    def ended_hours(self):
+        """The hours (Unix time // 3600) that have jobs in the ended index."""
+        try:
+            return sorted(int(name) for name in os.listdir(os.path.join(self.root, "ended"))
+                          if name.isdigit())
+        except FileNotFoundError:
+            return []
+
+    def ended_in(self, hour):
+        try:
+            return sorted(name for name in os.listdir(os.path.join(self.root, "ended", str(hour)))
+                          if is_job_id(name))
+        except FileNotFoundError:
+            return []
+
+    def forget_ended(self, job_id, hour):
+        """Drop an index entry that no longer says anything (its job ended
+        at another time, or is gone); an hour left empty goes too."""
+        directory = os.path.join(self.root, "ended", str(hour))
+        try:
+            os.unlink(os.path.join(directory, job_id))
+            os.rmdir(directory)
+        except OSError:
+            pass                        # gone already; or the hour has others
+
+    def remove_original(self, job_id, ended, when):
+        """Retention's removal of a finished job's original, the record
+        saying when; read again under the job's lock, so a job replayed or
+        erased meanwhile is left alone (False)."""
+        with self._locks.held(job_id):
+            job = self.read_job(job_id)
+            if job is None or self.is_erased(job_id) or job.ended != ended:
+                return False
+            try:
+                os.unlink(self.original_path(job_id))
+            except FileNotFoundError:
+                pass
+            job.original_removed(when)
+            write_atomically(self._job_path(job_id), job.to_json())
+            return True
 
     # -- erasure (erasure.py) ----------------------------------------------------
     @contextlib.contextmanager
@@ -490,9 +559,10 @@ class Storage:
     def unfinished_erasures(self, older_than=0):
         return self._older(os.path.join(self.root, "erasing"), "", older_than)
 
-    def remove_job_files(self, job_id, owner):
+    def remove_job_files(self, job_id, owner, ended=None):
         """Every file of an erased job: renditions, original, record,
-        pending mark, owner index entry; not yet durable (sync())."""
+        pending mark, owner index and ended index entries; not yet durable
+        (sync())."""
         directory = self.rendition_dir(job_id)
         try:
             names = os.listdir(directory)
@@ -503,11 +573,18 @@ class Storage:
                   self._pending_path(job_id)]
         if owner is not None:
             paths.append(os.path.join(self.root, "owners", owner_key(owner), job_id))
+        if ended is not None:
+            paths.append(self.ended_path(job_id, ended))
         for path in paths:
             try:
                 os.unlink(path)
             except FileNotFoundError:
                 pass
+        if ended is not None:
+            try:
+                os.rmdir(os.path.dirname(self.ended_path(job_id, ended)))
+            except OSError:
+                pass                    # other jobs ended in that hour
         try:
             os.rmdir(directory)
         except FileNotFoundError:

@@ -45,7 +45,8 @@ def test_nginx_serves_each_rendition_format_with_the_tables_media_type_and_nothi
 def test_nginx_and_the_units_name_the_default_storage_root_and_listen_address():
     assert f"alias {DEFAULTS.storage.root}/renditions/;" in shipped(*LOCATIONS)
     assert f"server {DEFAULTS.api.listen} " in shipped(*HTTP_LEVEL)
-    for unit in ("imgworker@.service", "imgworker-api.service", "imgworker-sweep.service"):
+    for unit in ("imgworker@.service", "imgworker-api.service", "imgworker-sweep.service",
+                 "imgworker-gc.service"):
         assert f"ReadWritePaths={DEFAULTS.storage.root}\n" in shipped("systemd", unit), unit
 
 
