@@ -134,6 +134,8 @@ def cmd_sweep(args):
     _as_storage_owner(config)
     log.setup()
     forgotten = forget_spent_grants(config.storage.root)     # needs no broker
+    from .storage import Storage
+    Storage(config.storage.root).measure()                   # for status and /metrics
     try:
         requeued, unmarked, dropped = recover(config, args.older_than)
     except broker.BrokerUnavailable as error:

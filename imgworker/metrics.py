@@ -159,6 +159,43 @@ class _QueueCollector:
         yield from (up, messages, consumers)
 
 
+class _StorageCollector:
+    """What the storage holds, as the sweep last measured it (it walks the
+    tree every few minutes; a scrape only reads its figure), and the
+    filesystem's size and free space, read at the scrape."""
+
+    KINDS = ("originals", "renditions", "records")
+
+    def __init__(self, config):
+        self._root = config.storage.root
+
+    def collect(self):
+        from .storage import Storage
+        usage = Storage(self._root).usage() or {}
+        stored = GaugeMetricFamily("imgworker_stored_bytes", "Bytes of originals, renditions "
+                                   "and job records on the storage, as last measured.",
+                                   labels=["kind"])
+        files = GaugeMetricFamily("imgworker_stored_files", "Files of originals, renditions "
+                                  "and job records on the storage, as last measured.",
+                                  labels=["kind"])
+        for kind in self.KINDS:
+            if kind in usage:
+                stored.add_metric([kind], usage[kind]["bytes"])
+                files.add_metric([kind], usage[kind]["files"])
+        yield from (stored, files)
+        if "at" in usage:
+            yield GaugeMetricFamily("imgworker_stored_measured_timestamp_seconds",
+                                    "When the stored figures were measured (the sweep).",
+                                    value=usage["at"])
+        if "filesystem" in usage:
+            yield GaugeMetricFamily("imgworker_storage_size_bytes",
+                                    "Size of the storage's filesystem.",
+                                    value=usage["filesystem"]["size"])
+            yield GaugeMetricFamily("imgworker_storage_free_bytes", "Bytes of the storage's "
+                                    "filesystem free for imgworker.",
+                                    value=usage["filesystem"]["free"])
+
+
 def exposition(config):
     """The text GET /metrics answers: every process's samples below the
     metrics directory, or this process's own if it has none."""
@@ -169,6 +206,7 @@ def exposition(config):
     else:
         _get().register_in(registry)
     registry.register(_QueueCollector(config))
+    registry.register(_StorageCollector(config))
     return generate_latest(registry)
 
 

@@ -9,6 +9,7 @@ import time
 
 from . import broker
 from .job import State, read
+from .storage import Storage
 
 #: Every job state, derived so a new one is counted and shown without an
 #: edit here: the outcomes first, then what is still under way.
@@ -82,7 +83,35 @@ def collect(config, minutes):
     except broker.BrokerUnavailable as error:
         broker_queues, broker_error = None, str(error)
     return {"queues": broker_queues, "broker_error": broker_error, "workers": workers(),
-            "minutes": minutes, "jobs": recent_jobs(config.storage.root, minutes)}
+            "minutes": minutes, "jobs": recent_jobs(config.storage.root, minutes),
+            "storage": Storage(config.storage.root).usage(),
+            "removed": removed(config.storage.metrics_dir)}
+
+
+def removed(metrics_dir):
+    """{"erased": {reason: n}, "originals_removed": n}: what erasures and gc
+    removed, as this host's metrics counted it since it booted (the
+    counters live in [storage] metrics_dir, under /run)."""
+    from prometheus_client import CollectorRegistry, multiprocess
+    counts = {"erased": {"request": 0, "retention": 0}, "originals_removed": 0}
+    if not os.path.isdir(metrics_dir):
+        return counts
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=metrics_dir)
+    for family in registry.collect():
+        for sample in family.samples:
+            if sample.name == "imgworker_erased_total":
+                counts["erased"][sample.labels["reason"]] = int(sample.value)
+            elif sample.name == "imgworker_originals_removed_total":
+                counts["originals_removed"] = int(sample.value)
+    return counts
+
+
+def _size(count):
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if count < 1024 or unit == "GiB":
+            return f"{count:.0f} {unit}" if unit == "B" else f"{count:.1f} {unit}"
+        count /= 1024
 
 
 def render(status):
@@ -101,6 +130,22 @@ def render(status):
         lines.append(f"units on this host: {len(status['workers'])}")
         lines += [f"  {w['unit']}: {w['state']}" + (f" -- {w['status']}" if w["status"] else "")
                   for w in status["workers"]]
+    usage = status.get("storage") or {}
+    if "at" in usage:
+        lines.append("storage: " + ", ".join(
+            f"{kind} {usage[kind]['files']} files {_size(usage[kind]['bytes'])}"
+            for kind in ("originals", "renditions", "records"))
+            + f" (measured by the sweep {time.time() - usage['at']:.0f} s ago)")
+    elif "storage" in status:
+        lines.append("storage: not measured yet (imgworker sweep measures it)")
+    if "filesystem" in usage:
+        lines.append(f"storage filesystem: {_size(usage['filesystem']['free'])} free of "
+                     f"{_size(usage['filesystem']['size'])}")
+    removed = status.get("removed")
+    if removed is not None:
+        lines.append(f"removed since boot: {removed['erased']['request']} jobs erased on "
+                     f"request, {removed['erased']['retention']} by retention, "
+                     f"{removed['originals_removed']} originals by retention")
     jobs = status["jobs"]
     lines.append(f"jobs changed in the last {status['minutes']:g} minutes: "
                  + ", ".join(f"{jobs[state.value]} {state.value}" for state in _STATES))

@@ -662,6 +662,56 @@ class Storage:
                     pass
         return removed
 
+    # -- what the storage holds (the sweep measures it; status and /metrics
+    # read the figure) ---------------------------------------------------------
+    USAGE = "usage.json"
+
+    def measure(self):
+        """{kind: {"files", "bytes"}} of originals, renditions and records
+        (job records, with their marks), written to ROOT/usage.json with the
+        time: one pass over the tree, made by the sweep every few minutes,
+        so that a scrape reads a small file instead of walking the tree."""
+        found = {kind: {"files": 0, "bytes": 0} for kind in ("originals", "renditions", "records")}
+
+        def count(kind, directory, depth=0):
+            try:
+                entries = os.scandir(directory)
+            except FileNotFoundError:
+                return
+            with entries:
+                for entry in entries:
+                    try:
+                        if entry.is_dir(follow_symlinks=False):
+                            if depth == 0:
+                                count(kind, entry.path, 1)
+                        elif not entry.name.startswith(".tmp-"):
+                            found[kind]["files"] += 1
+                            found[kind]["bytes"] += entry.stat(follow_symlinks=False).st_size
+                    except FileNotFoundError:
+                        pass            # removed while we looked
+        count("originals", os.path.join(self.root, "originals"))
+        count("renditions", os.path.join(self.root, "renditions"))
+        count("records", os.path.join(self.root, "jobs"))
+        write_atomically(os.path.join(self.root, self.USAGE),
+                         json.dumps({"at": time.time(), **found}).encode(), _PUBLIC_FILE)
+        return found
+
+    def usage(self):
+        """What the last measure() found, with its time ("at"); None if
+        none has run yet. Also the filesystem's size and free bytes, read
+        now."""
+        try:
+            with open(os.path.join(self.root, self.USAGE), "rb") as handle:
+                found = json.loads(handle.read())
+        except (FileNotFoundError, ValueError):
+            found = None
+        try:
+            stat = os.statvfs(self.root)
+        except FileNotFoundError:
+            return found
+        return {**(found or {}), "filesystem": {"size": stat.f_blocks * stat.f_frsize,
+                                                "free": stat.f_bavail * stat.f_frsize}}
+
     def pending_jobs(self, older_than):
         """Ids marked pending for more than ``older_than`` seconds."""
         return self._older(os.path.join(self.root, "jobs"), ".pending", older_than)

@@ -1,8 +1,11 @@
 """`imgworker status` against a real broker and storage, as an operator runs it."""
 
 import json
+import os
 import subprocess
 import sys
+
+import requests
 
 from harness import samples
 from harness.pipeline import REPO
@@ -35,6 +38,27 @@ def test_status_shows_queues_consumers_and_the_recent_jobs_by_outcome(pipeline):
     text = status(pipeline).stdout
     assert f"{pipeline.queue}: 0 messages, 2 consumers" in text
     assert "3 done, 1 failed" in text
+
+    # what the storage holds, as the sweep measured it, and what was erased
+    assert found["storage"]["filesystem"]["size"] > 0 and "at" not in found["storage"]
+    pipeline.cli("erase", good[0])
+    pipeline.cli("sweep")
+    found = json.loads(status(pipeline, "--json").stdout)
+    renditions = len(pipeline.renditions)
+    assert {kind: found["storage"][kind]["files"] for kind in
+            ("originals", "renditions", "records")} == {
+        "originals": 3, "renditions": 2 * renditions, "records": 3}
+    assert found["storage"]["originals"]["bytes"] == sum(
+        os.path.getsize(os.path.join(pipeline.root, "originals", job_id))
+        for job_id in pipeline.stored_originals())
+    assert found["removed"] == {"erased": {"request": 1, "retention": 0},
+                                "originals_removed": 0}
+    text = status(pipeline).stdout
+    assert "storage: originals 3 files" in text
+    assert "removed since boot: 1 jobs erased on request" in text
+    metrics = requests.get(pipeline.base_url + "/metrics", timeout=10).text
+    assert 'imgworker_stored_files{kind="originals"} 3.0' in metrics
+    assert 'imgworker_erased_total{reason="request"} 1.0' in metrics
 
 
 def test_status_says_the_broker_is_unreachable_and_exits_1(make_pipeline):
