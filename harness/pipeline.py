@@ -234,8 +234,12 @@ class Nginx:
             return text
 
         upstream = {"server 127.0.0.1:8000 ": f"server 127.0.0.1:{pipeline.port} "}
+        self.access_log = os.path.join(self.dir, "access.log")
         alias = {"alias /var/lib/imgworker/renditions/;":
                  f"alias {os.path.join(pipeline.root, 'renditions')}/;"}
+        if os.path.exists(os.path.join(shipped_dir, "conf.d")):
+            alias["access_log /var/log/nginx/access.log imgworker;"] = \
+                f"access_log {self.access_log} imgworker;"
         if not os.path.exists(os.path.join(shipped_dir, "snippets")):
             # a tree from before the TLS site: one file, the site
             assert not tls, "this tree has no HTTPS site"
@@ -281,7 +285,6 @@ class Nginx:
             site = http + "\n" + site
         with open(os.path.join(self.dir, "site.conf"), "w") as handle:
             handle.write(site)
-        self.access_log = os.path.join(self.dir, "access.log")
         # As root, nginx's workers would run as nobody, who cannot read a
         # test's private storage root.
         user = "user root root;" if os.geteuid() == 0 else ""

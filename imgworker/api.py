@@ -474,8 +474,11 @@ class Api:
         self.gate.spend(caller)
         try:
             job_id = self._ingest(data, info, caller.owner)
-        except BaseException:
-            self.gate.unspend(caller)
+        except BaseException as error:
+            # given back only if nothing was kept: a job a worker took
+            # while the broker's confirm was late is the grant's one upload
+            if not getattr(error, "job_kept", False):
+                self.gate.unspend(caller)
             raise
         status_url = f"/jobs/{job_id}"
         return Response(HTTPStatus.ACCEPTED, {"id": job_id, "status_url": status_url},
@@ -488,11 +491,18 @@ class Api:
             raise HTTPError(HTTPStatus.INSUFFICIENT_STORAGE,
                             "the server's image storage is full; try again later",
                             [("Retry-After", str(self.config.api.retry_after))]) from None
-        except broker.BrokerUnavailable:
+        except broker.BrokerUnavailable as error:
             # The broker's own words (addresses, error names) went to the
             # log, not to the public.
-            raise self._unavailable("the job queue is unavailable; nothing was stored, "
-                                    "try again later") from None
+            if getattr(error, "job_kept", False):
+                unavailable = self._unavailable("the job queue did not confirm the job in "
+                                                "time, though a worker has taken it; try "
+                                                "again later")
+            else:
+                unavailable = self._unavailable("the job queue is unavailable; nothing was "
+                                                "stored, try again later")
+            unavailable.job_kept = getattr(error, "job_kept", False)
+            raise unavailable from None
 
     # -- GET /jobs/<id> -------------------------------------------------------
     def job_status(self, _environ, job_id):

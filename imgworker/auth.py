@@ -58,6 +58,8 @@ REASONS = {
     "used": (401, "the upload grant has been used already; ask for a new one"),
     "scope": (403, "these credentials may not do this"),
     "too_large": (413, "the upload is larger than its grant allows"),
+    "length_required": (411, "an upload with a grant says its size: send a Content-Length "
+                             "(not a chunked body)"),
 }
 
 #: Longer than any token imgworker makes: anything longer is refused
@@ -356,9 +358,10 @@ class Gatekeeper:
         token = _token(environ)
         if token is None:
             # Without [auth] required, uploads need nothing; grants still do.
+            # An anonymous upload names no owner: anyone could name anyone's.
             if self.required or scope != "upload":
                 raise Refusal("missing")
-            return Caller("anonymous", ("upload",), owner=owner)
+            return Caller("anonymous", ("upload",))
         if token.startswith(GRANT_PREFIX):
             caller = self._grant(token)
         elif token.startswith(KEY_PREFIX) and len(token) <= _MAX_TOKEN:
@@ -370,12 +373,14 @@ class Gatekeeper:
             raise Refusal("invalid")
         if scope not in caller.scopes:
             raise Refusal("scope", f"these credentials may not {scope}")
-        if (caller.max_bytes is not None and declared_length is not None
-                and declared_length > caller.max_bytes):
-            raise Refusal("too_large", f"the upload is {declared_length} bytes; its grant "
-                                       f"allows at most {caller.max_bytes}")
         if caller.nonce is not None and os.path.exists(self._used_path(caller.nonce)):
             raise Refusal("used")
+        if caller.max_bytes is not None and declared_length is None:
+            # a chunked body would be read whole before its size is known
+            raise Refusal("length_required")
+        if caller.max_bytes is not None and declared_length > caller.max_bytes:
+            raise Refusal("too_large", f"the upload is {declared_length} bytes; its grant "
+                                       f"allows at most {caller.max_bytes}")
         return caller
 
     def _grant(self, token):

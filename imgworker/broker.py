@@ -28,9 +28,11 @@ logger = logging.getLogger(__name__)
 PERSISTENT = 2
 
 #: The durable topic exchange a job's end is published to, routing key
-#: ``job.done`` or ``job.failed``, body the job as GET /jobs/<id> shows it.
-#: Public contract: other services bind their own queues to it.
+#: ``job.done`` or ``job.failed``, body the job as GET /jobs/<id> shows it
+#: with its owner; and its erasure, ``job.deleted`` (erasure.py). Public
+#: contract: other services bind their own queues to it.
 EVENTS_EXCHANGE = "imgworker.events"
+JOB_DELETED = "job.deleted"
 
 
 class BrokerUnavailable(Exception):

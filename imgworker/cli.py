@@ -132,6 +132,7 @@ def cmd_sweep(args):
     from .auth import forget_spent_grants
     config = _load_broker_config(args)
     _as_storage_owner(config)
+    _prepare_process(config)            # erasures it finishes are counted
     log.setup()
     forgotten = forget_spent_grants(config.storage.root)     # needs no broker
     from .storage import Storage

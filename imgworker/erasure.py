@@ -50,7 +50,7 @@ def deleted_event(tombstone):
     """(routing key, body, properties) of the event that says a job was
     erased: its id, owner and why (request or retention)."""
     body = {key: tombstone.get(key) for key in ("id", "owner", "reason")}
-    return ("job.deleted", json.dumps(body).encode(),
+    return (broker.JOB_DELETED, json.dumps(body).encode(),
             pika.BasicProperties(delivery_mode=broker.PERSISTENT, message_id=tombstone["id"],
                                  content_type="application/json"))
 
@@ -136,7 +136,9 @@ class Eraser:
         for tombstone in tombstones:
             if not tombstone.get("announced"):
                 self._announce(tombstone)
-                tombstone["announced"] = True
+                # The owner was kept for the event alone: once it is out,
+                # the tombstone says nothing of whose the job was.
+                tombstone = {**tombstone, "announced": True, "owner": None}
                 self.storage.update_tombstone(tombstone)
                 metrics.count_erased(tombstone.get("reason", "request"))
             self.storage.finish_erasing(tombstone["id"])

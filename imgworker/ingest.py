@@ -38,7 +38,8 @@ logger = logging.getLogger(__name__)
 def accept(storage, publisher, data, info, owner=None):
     """Store the upload and queue its job; returns the job id once both are
     durable. Raises StorageFull or broker.BrokerUnavailable, having removed
-    whatever it stored."""
+    whatever it stored -- unless a worker took the job meanwhile; then the
+    exception's ``job_kept`` is true."""
     job_id = new_job_id()
     log = JobLog(logger, job_id)
     try:
@@ -53,9 +54,14 @@ def accept(storage, publisher, data, info, owner=None):
         # record on, the job is being done (the client saw no 202, and the
         # sweep need not act), so nothing of it is removed.
         job = storage.read_job(job_id)
-        if job is None or job.state is State.QUEUED:
+        kept = job is not None and job.state is not State.QUEUED
+        if not kept:
             storage.forget_job(job_id)
-        log.warning("refused: %s", error)
+        log.warning("refused: %s%s", error, "; a worker has the job, which is kept" if kept else "")
+        try:
+            error.job_kept = kept
+        except AttributeError:
+            pass
         raise
     storage.clear_pending(job_id)
     log.info("accepted: %s %dx%d, %d bytes.", info.format, info.width, info.height, len(data))

@@ -492,7 +492,8 @@ class Storage:
         erased meanwhile is left alone (False)."""
         with self._locks.held(job_id):
             job = self.read_job(job_id)
-            if job is None or self.is_erased(job_id) or job.ended != ended:
+            if (job is None or self.is_erased(job_id) or job.ended != ended
+                    or "removed" in job.original):     # another gc run was first
                 return False
             try:
                 os.unlink(self.original_path(job_id))
@@ -615,8 +616,11 @@ class Storage:
 
     def forget_job(self, job_id):
         """Remove an upload the broker never accepted (the client got 503)."""
+        job = self.read_job(job_id)
+        owned = ([os.path.join(self.root, "owners", owner_key(job.owner), job_id)]
+                 if job is not None and job.owner is not None else [])
         for path in (self._job_path(job_id), self.original_path(job_id),
-                     self._pending_path(job_id)):
+                     self._pending_path(job_id), *owned):
             try:
                 os.unlink(path)
             except FileNotFoundError:
@@ -684,7 +688,8 @@ class Storage:
                         if entry.is_dir(follow_symlinks=False):
                             if depth == 0:
                                 count(kind, entry.path, 1)
-                        elif not entry.name.startswith(".tmp-"):
+                        elif not entry.name.startswith(".tmp-") \
+                                and not entry.name.endswith(".pending"):  # a record's 2nd name
                             found[kind]["files"] += 1
                             found[kind]["bytes"] += entry.stat(follow_symlinks=False).st_size
                     except FileNotFoundError:

@@ -46,9 +46,11 @@ logger = logging.getLogger(__name__)
 
 QUEUE = "imgworker.webhooks"
 DEAD_LETTER_QUEUE = "imgworker.webhooks.dead"
-#: The routing keys of the events a worker publishes (broker.job_event:
-#: one per finished state); nothing else is sent to the receiver.
-EVENTS = frozenset(f"job.{state.value}" for state in State if state.finished)
+#: The routing keys of the events imgworker publishes: a worker's, one per
+#: finished state (broker.job_event), and an erasure's (broker.JOB_DELETED,
+#: so the app deletes its copies); nothing else is sent to the receiver.
+EVENTS = frozenset([f"job.{state.value}" for state in State if state.finished]
+                   + [broker.JOB_DELETED])
 
 #: Answers worth trying again: the receiver is busy or broken for now.
 _RETRIED_STATUSES = {408, 429}
@@ -137,7 +139,7 @@ def declare(connection, config):
     for queue, wanted in ((DEAD_LETTER_QUEUE, dead), (QUEUE, events)):
         try:
             channel.queue_declare(queue, durable=True, arguments=wanted)
-        except pika.exceptions.ChannelClosedByBroker as error:
+        except broker.Refused as error:
             if error.reply_code != _PRECONDITION_FAILED:
                 raise
             logger.warning("Queue %s exists with other arguments than imgworker declares "

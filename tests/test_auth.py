@@ -98,8 +98,9 @@ def test_a_grant_carries_its_owner_and_size_and_is_good_until_it_expires(gate):
         assert (caller.kind, caller.owner, caller.max_bytes) == ("grant", "user-7", 1000)
     assert refusal(gate, bearer(token), "upload", 1001) == (413, "too_large")
     assert refusal(gate, bearer(token), "grant") == (403, "scope")
+    assert refusal(gate, bearer(token), "upload") == (411, "length_required")   # chunked
     # ttl and max_bytes are capped, not refused
-    capped = gate.admit(bearer(gate.issue("u", max_bytes=10 ** 12, ttl=10 ** 6)["grant"]), "upload")
+    capped = gate.admit(bearer(gate.issue("u", max_bytes=10 ** 12, ttl=10 ** 6)["grant"]), "upload", 1)
     assert capped.max_bytes == gate.max_upload_bytes
     assert capped.expires <= time.time() + 900
 
@@ -128,7 +129,7 @@ def test_every_changed_byte_of_a_grant_makes_it_invalid(gate):
 
 def test_a_grant_is_spent_once_whatever_the_race_and_given_back_if_not_accepted(gate):
     token = gate.issue("u", ttl=60)["grant"]
-    callers = [gate.admit(bearer(token), "upload") for _ in range(16)]
+    callers = [gate.admit(bearer(token), "upload", 100) for _ in range(16)]
     won, barrier = [], threading.Barrier(len(callers))
 
     def spend(caller):
@@ -146,11 +147,11 @@ def test_a_grant_is_spent_once_whatever_the_race_and_given_back_if_not_accepted(
     assert len(won) == 1
     assert refusal(gate, bearer(token)) == (401, "used")
     gate.unspend(won[0])                # its upload was refused after all
-    assert gate.admit(bearer(token), "upload").owner == "u"
+    assert gate.admit(bearer(token), "upload", 100).owner == "u"
 
 
 def test_the_sweep_forgets_spent_grants_only_once_they_have_expired(gate, settings):
-    short, long = (gate.admit(bearer(gate.issue("u", ttl=ttl)["grant"]), "upload")
+    short, long = (gate.admit(bearer(gate.issue("u", ttl=ttl)["grant"]), "upload", 100)
                    for ttl in (5, 600))
     gate.spend(short)
     gate.spend(long)
@@ -163,11 +164,11 @@ def test_rotating_the_secret_refuses_no_grant_signed_before_until_it_expires(gat
     before = gate.issue("u", ttl=900)["grant"]
     gate.secrets.rotate()
     after = gate.issue("u", ttl=900)["grant"]
-    assert gate.admit(bearer(before), "upload").owner == "u"
-    assert gate.admit(bearer(after), "upload").owner == "u"
+    assert gate.admit(bearer(before), "upload", 100).owner == "u"
+    assert gate.admit(bearer(after), "upload", 100).owner == "u"
     # a second rotation within the lifetime keeps both older secrets
     gate.secrets.rotate()
-    assert gate.admit(bearer(before), "upload").owner == "u"
+    assert gate.admit(bearer(before), "upload", 100).owner == "u"
     # once every grant they signed has expired, the two retired ones are
     # forgotten; the one this rotation retires is kept for its grants
     with open(gate.secrets.path) as handle:
@@ -186,7 +187,7 @@ def test_without_required_an_upload_needs_nothing_but_credentials_given_are_stil
                                           "keys_file": str(tmp_path / "keys.json"),
                                           "grant_secrets_file": str(tmp_path / "g.json")}})
     gate = auth.Gatekeeper(settings)
-    assert gate.admit({}, "upload", owner="o").owner == "o"
+    assert gate.admit({}, "upload", owner="o").owner is None     # anyone could say "o"
     assert refusal(gate, {}, "grant") == (401, "missing")
     assert refusal(gate, bearer("imgwk_wrong")) == (401, "invalid")
 

@@ -11,10 +11,12 @@ from imgworker.job import Job, State
 from tests.integration.test_webhooks import TrickleReceiver
 
 
-def test_the_sender_accepts_exactly_the_routing_keys_workers_publish():
+def test_the_sender_accepts_exactly_the_routing_keys_workers_and_erasures_publish():
+    from imgworker import erasure
     published = {broker.job_event(Job("0" * 32, state, {"format": "jpeg"}))[0]
                  for state in State if state.finished}
-    assert webhook.EVENTS == published == {"job.done", "job.failed"}
+    published.add(erasure.deleted_event({"id": "0" * 32, "owner": "o", "reason": "request"})[0])
+    assert webhook.EVENTS == published == {"job.done", "job.failed", "job.deleted"}
 
 
 def test_one_post_to_a_receiver_trickling_its_answer_ends_at_the_timeout():
