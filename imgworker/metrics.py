@@ -60,6 +60,10 @@ class _Families:
                               "imgworker erase) or retention (imgworker gc).", ["reason"])
         for reason in ("request", "retention"):
             self.erased.labels(reason)
+        self.worker_starts = Counter("imgworker_worker_starts", "Worker processes started, by "
+                                     "their --instance: a worker that keeps restarting "
+                                     "shows here (the slot files outlive each process).",
+                                     ["worker"])
         self.originals_removed = Counter("imgworker_originals_removed", "Originals removed by "
                                          "imgworker gc after [retention] originals; their "
                                          "jobs' renditions stay.")
@@ -229,6 +233,10 @@ def count_webhook(outcome):
 
 def count_auth_refusal(reason):
     _get().auth_refusals.labels(reason).inc()
+
+
+def count_worker_start(instance):
+    _get().worker_starts.labels(str(instance)).inc()
 
 
 def count_erased(reason):

@@ -42,6 +42,7 @@ logger = logging.getLogger(__name__)
 
 class Worker:
     def __init__(self, config, instance, notifier):
+        metrics.count_worker_start(instance)        # counted before anything can fail
         self.config = config
         self.instance = instance
         self.notifier = notifier
