@@ -328,8 +328,12 @@ def _gif_extension(draw):
         payload = bytes(size * draw(st.integers(1, MAX_BYTES // (size + 1) // 2)))
     elif label == 0xFF:
         payload = draw(st.sampled_from((b"NETSCAPE2.0", b"XMP DataXMP", b"ICCRGBG1012")))
-        payload += draw(st.binary(max_size=300))
-        size = 255
+        if draw(st.booleans()):                     # XMP's way: many tiny sub-blocks
+            payload += bytes(draw(st.integers(0, MAX_BYTES // 3)))
+            size = draw(st.integers(1, 4))
+        else:
+            payload += draw(st.binary(max_size=300))
+            size = 255
     else:
         payload, size = draw(st.binary(max_size=1000)), draw(st.integers(1, 255))
     return b"\x21" + bytes((label,)) + _sub_blocks(payload, size)
@@ -420,6 +424,15 @@ _webp_part = st.one_of(
     st.builds(lambda t: _riff_chunk(b"EXIF", t), tiff()),
     st.builds(lambda d: _riff_chunk(b"ALPH", d), st.binary(max_size=200)),
     st.builds(lambda d: _riff_chunk(b"XMP ", d), st.binary(max_size=200)),
+    # metadata chunks the walk must count, and sizes that lie
+    st.builds(lambda t: _riff_chunk(b"EXIF", b"Exif\x00\x00" + t), tiff(max_entries=5400)),
+    st.builds(lambda k, n: _riff_chunk(k, b"") * n,
+              st.sampled_from((b"ICCP", b"EXIF", b"XMP ", b"ABCD", b"ANMF", b"ALPH")),
+              st.integers(1, MAX_BYTES // 16)),
+    st.builds(lambda k, n, d: k + struct.pack("<I", n) + d,
+              st.sampled_from((b"ICCP", b"EXIF", b"XMP ", b"VP8 ", b"VP8L", b"ANMF")),
+              st.sampled_from((0, 1, 0x7FFFFFFF, 0xFFFFFFFF)) | st.integers(0, 0xFFFFFFFF),
+              st.binary(max_size=64)),
     st.binary(min_size=1, max_size=8))
 
 
@@ -435,15 +448,22 @@ def webps(draw):
 STRATEGIES = {"jpeg": jpegs(), "png": pngs(), "gif": gifs(), "webp": webps()}
 
 
-# -- issue 22's findings 1-3: the reviewer's inputs, from harness/samples.py ----
+# -- issue 22's findings 1-3 and round two's WebP and GIF metadata floods ------
 
-#: Name -> the bytes' builder, at the sizes the issue measured.
+#: Name -> the bytes' builder (harness/samples.py), at the sizes measured.
 FINDINGS = {
     "1: MPF directory after a stray byte": lambda: samples.mpf_bomb(5459),
     "1: Exif directory after a stray byte": lambda: samples.exif_bomb(5459, stray=True),
     "1: Exif directory the header walk vouches for": lambda: samples.exif_bomb(5459),
     "2: GIF comments after a stray byte": lambda: samples.gif_comment_bypass(4 << 20),
     "3: PNG of 2,000 iCCP chunks": lambda: samples.png_iccp_flood(2000),
+    # round two: WebP chunks and GIF extensions the walks did not count
+    "1: WebP EXIF directory": lambda: samples.webp_exif_bomb(5459),
+    "WebP of 3 million empty XMP chunks": lambda: samples.webp_chunk_flood(3 << 20),
+    "WebP of 449,389 frames": lambda: samples.webp_frame_flood(449_389),
+    "GIF of 1.4 million NETSCAPE blocks": lambda: samples.gif_application_flood(1_379_705),
+    "GIF XMP of 13 million 1-byte sub-blocks": lambda: samples.gif_application_sub_blocks(13 << 20),
+    "GIF of 3 million graphic control blocks": lambda: samples.gif_extension_flood(3 << 20),
 }
 
 
@@ -498,6 +518,10 @@ def _probe_child(connection, limits, headroom):
         connection.send(Outcome(kind, detail, seconds, max(0, _status("VmHWM:") - before)))
 
 
+#: How long the probe's child may take to start.
+_PROBE_START_SECONDS = 60
+
+
 class Probe:
     """``images.identify`` in a child process, measured (see the module's
     docstring). ``timeout``: seconds before the child is killed; ``headroom``:
@@ -516,6 +540,13 @@ class Probe:
         self._process.start()
         child.close()
         self._connection = parent
+        # The child's start (a fresh interpreter importing Pillow: seconds on
+        # a loaded machine) is not the first example's to pay: an empty
+        # input, answered at once, shows it is ready.
+        self._connection.send_bytes(b"")
+        if not self._connection.poll(_PROBE_START_SECONDS):
+            raise RuntimeError(f"the probe did not start within {_PROBE_START_SECONDS} s")
+        self._connection.recv()
 
     def close(self):
         if self._process is not None:

@@ -159,3 +159,102 @@ def png_chunk_flood(count, kind=b"iCCP", inflated=1 << 20, payload=None):
 def png_iccp_flood(count):
     """``count`` iCCP chunks of 1 MiB of zeros each (see png_chunk_flood)."""
     return png_chunk_flood(count, b"iCCP")
+
+
+# -- hostile WebP and GIF metadata (issue 22, round two) ----------------------------
+
+def _riff_chunk(kind, body):
+    return kind + struct.pack("<I", len(body)) + body + (b"\x00" if len(body) % 2 else b"")
+
+
+def _webp(chunks):
+    body = b"WEBP" + b"".join(chunks)
+    return b"RIFF" + struct.pack("<I", len(body)) + body
+
+
+def webp_with(before=(), after=(), flags=0x2C, size=(8, 8)):
+    """An extended (VP8X) WebP: an 8x8 lossless image of ``size`` canvas,
+    with the chunks ``before`` it and ``after`` it (made with _riff_chunk,
+    or any bytes), and VP8X ``flags`` (ICC 0x20, EXIF 0x08, XMP 0x04)."""
+    image = encode(Image.effect_noise((8, 8), 60).convert("RGB"), "WEBP", lossless=True)
+    vp8x = _riff_chunk(b"VP8X", bytes((flags, 0, 0, 0)) + struct.pack("<I", size[0] - 1)[:3]
+                       + struct.pack("<I", size[1] - 1)[:3])
+    return _webp([vp8x, *before, image[12:], *after])
+
+
+def webp_exif_bomb(entries=5459, orientation=None):
+    """Issue 22 finding 1 in a WebP: an EXIF chunk holding the TIFF directory
+    of mpf_bomb (see _tiff_flood), after an 8x8 image. With ``orientation``,
+    an ordinary directory with that Orientation tag instead. Pillow keeps
+    the chunk as ``info["exif"]``; its full parser (getexif,
+    exif_transpose) would turn every entry into tuples."""
+    if orientation is None:
+        tiff = _tiff_flood(entries)
+    else:
+        tiff = b"MM\x00*" + struct.pack(">IHHHIHHI", 8, 1, ORIENTATION, 3, 1, orientation, 0, 0)
+    return webp_with(after=[_riff_chunk(b"EXIF", tiff)])
+
+
+def webp_chunk_flood(count, kind=b"XMP ", body=b""):
+    """An 8x8 WebP followed by ``count`` ``kind`` chunks holding ``body``:
+    libwebp's demuxer keeps a record of each (3 million empty ones, 25 MB,
+    took an identify to 120 MB in Pillow 9.4, 144 MB in Pillow 13)."""
+    return webp_with(after=[_riff_chunk(kind, body)] * count)
+
+
+def webp_frame_flood(frames):
+    """An animated 8x8 WebP whose first frame is repeated ``frames`` times
+    (449,389 in 25 MB took an identify to 65 MB in Pillow 9.4)."""
+    frames_ = [Image.new("RGBA", (8, 8), (i * 60, 0, 0, 255)) for i in range(2)]
+    data = encode(frames_[0], "WEBP", save_all=True, append_images=frames_[1:], duration=20)
+    position, chunks = 12, []
+    while position + 8 <= len(data):
+        size = struct.unpack("<I", data[position + 4:position + 8])[0]
+        chunks.append(data[position:position + 8 + size + (size & 1)])
+        position += 8 + size + (size & 1)
+    vp8x, anim, frame = chunks[0], chunks[1], chunks[2]
+    return _webp([vp8x, anim] + [frame] * frames)
+
+
+def webp_lying_chunk(claimed=0x7FFFFFFF, kind=b"XMP "):
+    """An 8x8 WebP whose last chunk says it holds ``claimed`` bytes and holds
+    100."""
+    return webp_with(after=[kind + struct.pack("<I", claimed) + b"x" * 100])
+
+
+def _gif_sub_blocks(payload, size=255):
+    return b"".join(bytes((len(payload[i:i + size]),)) + payload[i:i + size]
+                    for i in range(0, len(payload), size)) + b"\x00"
+
+
+def gif_with(blocks):
+    """A 1x1 GIF89a with ``blocks`` (bytes) between its colour table and its
+    image."""
+    base = encode(Image.new("P", (1, 1)), "GIF")
+    start = 13 + (3 << ((base[10] & 7) + 1) if base[10] & 0x80 else 0)
+    return base[:start] + blocks + base[start:]
+
+
+def gif_application_flood(count, identifier=b"NETSCAPE2.0", payload=b"\x01\x00\x00"):
+    """A 1x1 GIF with ``count`` application extensions before its image
+    (Pillow 9.4 reads each in Python: 1.4 million NETSCAPE blocks, 26 MB,
+    held an identify 3 s and a render 3.8 s)."""
+    block = b"\x21\xff" + bytes((len(identifier),)) + identifier + _gif_sub_blocks(payload)
+    return gif_with(block * count)
+
+
+def gif_application_sub_blocks(size, block=1, identifier=b"XMP DataXMP"):
+    """A 1x1 GIF with one application extension of ``size`` bytes in
+    sub-blocks of ``block`` bytes (26 MB of 1-byte sub-blocks: 8 s in
+    Pillow 9.4)."""
+    full, rest = divmod(size, block)
+    blocks = (bytes((block,)) + b"x" * block) * full
+    if rest:
+        blocks += bytes((rest,)) + b"x" * rest
+    return gif_with(b"\x21\xff" + bytes((len(identifier),)) + identifier + blocks + b"\x00")
+
+
+def gif_extension_flood(count, label=0xF9, body=b"\x00\x00\x00\x00"):
+    """A 1x1 GIF with ``count`` extensions of ``label`` (graphic control
+    blocks by default) before its image (3 million: 6.8 s in Pillow 9.4)."""
+    return gif_with((b"\x21" + bytes((label,)) + _gif_sub_blocks(body)) * count)

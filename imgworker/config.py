@@ -361,10 +361,10 @@ SCHEMA = {
                               "Seconds before the first retry; each next one waits twice as "
                               "long, up to 10 minutes."),
         "timeout": Option("10", _seconds,
-                          "Seconds one POST may wait to connect, and again for the answer. "
-                          "A stopping sender lets its POST end, so imgworker-webhook."
-                          "service's TimeoutStopSec must cover twice this "
-                          "('imgworker check-config' warns)."),
+                          "Seconds one POST may take as a whole: connecting, sending the "
+                          "event and reading the answer. A stopping sender lets its POST "
+                          "end, so imgworker-webhook.service's TimeoutStopSec must cover "
+                          "this plus 5 s ('imgworker check-config' warns)."),
     },
 }
 

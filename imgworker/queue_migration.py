@@ -13,9 +13,6 @@ the command again finishes the job, temp queue included.
 
 import logging
 
-import pika
-import pika.exceptions
-
 from . import broker
 
 logger = logging.getLogger(__name__)
@@ -33,7 +30,7 @@ def _declare(connection, name, arguments, passive=False):
     try:
         return channel.queue_declare(name, durable=True, arguments=arguments,
                                      passive=passive).method
-    except pika.exceptions.ChannelClosedByBroker:
+    except broker.Refused:
         return None
     finally:
         if channel.is_open:

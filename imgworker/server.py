@@ -8,7 +8,7 @@ import time
 from gunicorn.app.base import BaseApplication
 from gunicorn.glogging import Logger as GunicornLogger
 
-from . import broker
+from . import broker, units
 from .api import Api
 
 logger = logging.getLogger(__name__)
@@ -50,7 +50,8 @@ class ApiServer(BaseApplication):
             # A request may wait config.broker.timeout for the broker, plus a
             # reconnect; anything far beyond is a stuck worker.
             "timeout": 30,
-            "graceful_timeout": 30,
+            # What the API unit's TimeoutStopSec is derived from (units.py).
+            "graceful_timeout": units.API_GRACEFUL_TIMEOUT,
         }
         for key, value in settings.items():
             self.cfg.set(key, value)

@@ -35,9 +35,9 @@ WORKER_STOP_MARGIN = 30
 #: bench's memory figures say how much of it they use.
 WORKER_OWN_MEMORY_MIB = 256
 
-#: gunicorn's graceful_timeout in server.py (tests/test_shipped_files.py
-#: holds them equal): on SIGTERM the arbiter gives its workers this long to
-#: finish the uploads in flight, then kills them.
+#: gunicorn's graceful_timeout (server.py gives gunicorn this; the API
+#: unit's TimeoutStopSec is derived from it): on SIGTERM the arbiter gives
+#: its workers this long to finish the uploads in flight, then kills them.
 API_GRACEFUL_TIMEOUT = 30
 
 #: An API process besides the upload bodies it holds ([api]
@@ -51,8 +51,10 @@ API_OWN_MEMORY_MIB = 96
 API_STOP_MARGIN = 10
 
 #: A stopping webhook sender lets the POST in flight end. [webhook] timeout
-#: bounds each of its socket waits -- connecting, then the answer -- so the
-#: POST may take twice that; then it hands the event back and closes.
+#: bounds the whole POST -- connecting, sending, the answer -- by one
+#: deadline (webhook.post cuts the connection there); after it the sender
+#: hands the event back, closes its channel and connection, and exits:
+#: round trips to the broker, which this margin covers.
 WEBHOOK_STOP_MARGIN = 5
 
 
@@ -77,8 +79,9 @@ PAIRS = (
          "an image the renderer is allowed meets the OOM killer instead of failing "
          "with 'needs more than N MiB'"),
     Pair("imgworker-webhook.service", "TimeoutStopSec", (("webhook", "timeout"),),
-         f"twice [webhook] timeout (connect, then the answer) + {WEBHOOK_STOP_MARGIN} s",
-         lambda config: 2 * config.webhook.timeout + WEBHOOK_STOP_MARGIN,
+         f"[webhook] timeout (the POST in flight) + {WEBHOOK_STOP_MARGIN} s to hand its "
+         "event back",
+         lambda config: config.webhook.timeout + WEBHOOK_STOP_MARGIN,
          "a stop SIGKILLs the sender mid-POST and the unit ends failed"),
     Pair("imgworker-api.service", "TimeoutStopSec", (),
          f"gunicorn's graceful_timeout ({API_GRACEFUL_TIMEOUT} s) + {API_STOP_MARGIN} s",

@@ -7,8 +7,9 @@ identify accepts, finishes within its job_timeout or fails the job cleanly.
 The budget is fixed (IMGWORKER_FUZZ_EXAMPLES per format, 200 unless set)
 and under CI=true derandomized, so CI runs the same examples every time;
 off CI each run looks somewhere new. ``script/bench --only fuzz`` runs
-thousands per format. Issue 22's findings 1-3 are kept as explicit
-regression examples below.
+thousands per format. Issue 22's findings 1-3, and the WebP chunk and GIF
+extension floods found after them, are kept as explicit regression
+examples below.
 """
 
 import os
@@ -116,7 +117,8 @@ def test_the_renderer_finishes_or_fails_cleanly_on_every_hostile_file_identify_a
 @pytest.mark.parametrize("name", hostile.FINDINGS)
 def test_issue_22_findings_are_answered_within_the_bounds(probe, renderer, name):
     # Given one of the reviewer's inputs (findings 1-3: metadata directories,
-    # the GIF comment bypass, the PNG iCCP flood)
+    # the GIF comment bypass, the PNG iCCP flood; then WebP EXIF, chunk and
+    # frame floods, GIF application and graphic control extension floods)
     upload = hostile.FINDINGS[name]()
     # When the API identifies it, then it answers within the bounds
     outcome = assert_identify_answers(probe, upload)

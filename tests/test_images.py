@@ -285,7 +285,7 @@ def png_with_ztxt_chunks(count, inflated=1 << 20):
 def test_a_gif_with_megabytes_of_comments_is_refused_from_its_blocks_in_linear_time():
     data = gif_with_comment(4 << 20)
     started = time.process_time()
-    with pytest.raises(images.BadImage, match=r"carries 4194304 bytes of comments"):
+    with pytest.raises(images.BadImage, match=r"carries more than 65536 bytes of comments"):
         images.identify(data, LIMITS)
     assert time.process_time() - started < 1      # Pillow 9.4 alone: ~5 s
     assert images.identify(gif_with_comment(1000), LIMITS).format == "gif"
@@ -477,7 +477,7 @@ def test_the_orientation_read_from_exif_is_what_pillow_reads(order, orientation)
 
 @pytest.mark.parametrize("make", [
     lambda: samples.gif_comment_bypass(4 << 20),
-    lambda: samples.gif_comment_bypass(4 << 20, junk_after=True),
+    lambda: samples.gif_comment_bypass(32 << 10, junk_after=True),
     lambda: samples.gif_comment_bypass(4 << 20, junk=b"\x99"),
     lambda: samples.gif_comment_bypass(64 << 10, block=1),
 ], ids=["junk before", "junk after", "other junk", "one-byte blocks"])
@@ -514,3 +514,175 @@ def test_a_png_with_a_profile_text_and_exif_is_still_identified_and_rendered():
     assert images.identify(data, LIMITS) == images.ImageInfo("png", 64, 48)
     (output,) = images.render(data, [rendition("64x64 fit png 100")], LIMITS)
     assert (output.width, output.height) == (48, 64)
+
+
+# -- issue 22, round two: WebP chunks and GIF extensions, walked and bounded ----------
+
+def marked_webp(orientation, **options):
+    """A 400x200 WebP whose stored top-left quarter is red and the rest
+    blue, with an EXIF Orientation tag."""
+    image = Image.new("RGB", (400, 200), (0, 0, 255))
+    image.paste((255, 0, 0), (0, 0, 200, 100))
+    exif = Image.Exif()
+    exif[samples.ORIENTATION] = orientation
+    exif[0x010F] = "TestCam"
+    return samples.encode(image, "WEBP", exif=exif.tobytes(), **options)
+
+
+def animated_webp():
+    frames = [Image.new("RGBA", (50, 40), colour)
+              for colour in ((255, 0, 0, 255), (0, 0, 255, 255))]
+    return samples.encode(frames[0], "WEBP", save_all=True, append_images=frames[1:], duration=50)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: samples.encode(samples.photo(64, 48), "WEBP"),
+    lambda: samples.encode(samples.photo(64, 48), "WEBP", lossless=True),
+    lambda: samples.encode(samples.photo(64, 48, "RGBA"), "WEBP"),
+    lambda: samples.encode(samples.photo(64, 48), "WEBP", icc_profile=srgb_profile()),
+    lambda: marked_webp(6),
+    animated_webp,
+    lambda: samples.webp_exif_bomb(),
+], ids=["lossy", "lossless", "alpha", "icc", "exif", "animated", "exif-bomb"])
+def test_a_webps_size_from_its_chunk_walk_is_what_pillow_reads(make):
+    data = make()
+    with Image.open(io.BytesIO(data)) as image:
+        size = image.size
+    assert images.identify(data, LIMITS) == images.ImageInfo("webp", *size)
+
+
+def test_a_webp_is_identified_without_pillow(monkeypatch):
+    # Pillow copies a WebP two or three times over for libwebp (72 MiB for
+    # 25 MB in Pillow 13) to learn only its canvas size
+    def no_pillow(*args, **kwargs):
+        raise AssertionError("identify opened a WebP with Pillow")
+    monkeypatch.setattr(Image, "open", no_pillow)
+    data = samples.webp_with(after=[samples._riff_chunk(b"XMP ", b"x" * (8 << 20))])
+    assert images.identify(data, LIMITS) == images.ImageInfo("webp", 8, 8)
+
+
+@pytest.mark.parametrize("orientation, expected_size, red_corner", [
+    (1, (400, 200), (0, 0)), (3, (400, 200), (399, 199)), (6, (200, 400), (199, 0)),
+    (8, (200, 400), (0, 399)),
+])
+@pytest.mark.parametrize("options", [{"lossless": True}, {"quality": 95}],
+                         ids=["lossless", "lossy"])
+def test_a_webps_orientation_is_read_from_its_exif_chunk_and_no_metadata_is_copied(
+        orientation, expected_size, red_corner, options):
+    data = marked_webp(orientation, **options)
+    (output,) = images.render(data, [rendition("400x400 fit png 100")], LIMITS)
+    result = decoded(output).convert("RGB")
+    assert result.size == expected_size
+    red, green, blue = result.getpixel(red_corner)
+    assert red > 200 and blue < 60, result.getpixel(red_corner)
+    assert_no_metadata(output.data)
+
+
+def test_pillow_is_given_a_webps_image_and_profile_but_no_exif_xmp_or_unknown_chunks(monkeypatch):
+    # Given a WebP with an ICC profile, XMP, an unknown chunk and an EXIF
+    # chunk holding a directory Pillow's parser would turn into tuples
+    data = samples.webp_with(before=[samples._riff_chunk(b"ICCP", srgb_profile())],
+                             after=[samples._riff_chunk(b"XMP ", b"<x/>"),
+                                    samples._riff_chunk(b"ABCD", b"?"),
+                                    samples._riff_chunk(b"EXIF", samples._tiff_flood(5459))],
+                             flags=0x2C)
+    opened, seen = [], []
+    original_open, original_init = Image.open, images._ToSrgb.__init__
+
+    def spy(file, *args, **kwargs):
+        image = original_open(file, *args, **kwargs)
+        opened.append(dict(image.info))
+        return image
+    monkeypatch.setattr(Image, "open", spy)
+    monkeypatch.setattr(images._ToSrgb, "__init__",
+                        lambda self, icc: seen.append(icc) or original_init(self, icc))
+    # When it is rendered
+    outputs = images.render(data, DEFAULT_RENDITIONS, LIMITS)
+    # Then Pillow saw its profile, which was used, and none of the rest
+    (info,) = opened
+    assert info.get("icc_profile") == srgb_profile() and seen == [srgb_profile()]
+    assert "exif" not in info and "xmp" not in info
+    assert [decoded(output).size for output in outputs] == [(8, 8)] * 3
+
+
+def test_a_webp_exif_directory_costs_nothing_to_identify_or_render(tmp_path):
+    # Given a WebP whose EXIF chunk holds issue 22's directory of 5,459
+    # entries spanning the whole blob (Pillow's parser: quadratic)
+    import tracemalloc
+    path = tmp_path / "original"
+    path.write_bytes(samples.webp_exif_bomb())
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        # When it is identified and rendered
+        assert images.identify(path.read_bytes(), LIMITS) == images.ImageInfo("webp", 8, 8)
+        outputs = images.render(str(path), DEFAULT_RENDITIONS, LIMITS)
+        took, (_, peak) = time.perf_counter() - started, tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    # Then the directory is read only for its orientation
+    assert [decoded(output).size for output in outputs] == [(8, 8)] * 3
+    assert took < 0.5 and peak < 8 << 20, (took, peak >> 20)
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: samples.webp_chunk_flood(65), "the webp has more than 64 metadata chunks"),
+    (lambda: samples.webp_chunk_flood(300_000, b"ICCP"), "the webp has more than 64 metadata"),
+    (lambda: samples.webp_chunk_flood(300_000, b"ABCD"), "the webp has more than 64 metadata"),
+    (lambda: samples.webp_frame_flood(20_000), "it has more than 16384 chunks"),
+    (lambda: samples.webp_lying_chunk(), r"webp cannot be read: the XMP chunk at offset \d+ runs "
+                                         "past its end"),
+    (lambda: samples.webp_lying_chunk(kind=b"EXIF"), r"the EXIF chunk at offset \d+ runs past"),
+    (lambda: b"RIFF\xff\xff\xff\x7f" + samples.webp_with()[8:], "its RIFF header says 2147483655 "),
+    (lambda: samples.webp_with(after=[b"\x00\x01\x02\x03\x00\x00\x00\x00"]), "no chunk type at"),
+    (lambda: samples.webp_with()[:60], "webp cannot be read"),
+    (lambda: samples.webp_with(flags=0x02), "marked animated but has no animation"),
+    (lambda: samples._webp([samples.webp_with()[12:30]]), "0 images where a still image has one"),
+    (lambda: samples.webp_with(size=(4, 4)), "not one that fits its canvas"),
+], ids=["65 XMP", "300,000 ICCP", "300,000 unknown", "20,000 frames", "lying XMP size",
+        "lying EXIF size", "lying RIFF size", "no chunk type", "truncated", "no animation",
+        "no image", "image past canvas"])
+def test_webp_chunks_the_walk_cannot_vouch_for_are_refused(make, match):
+    # Before: libwebp's demuxer recorded every chunk (3 million empty ones:
+    # 120 MB in Pillow 9.4, 144 MB in Pillow 13), and Pillow copied the file
+    refused(make(), match)
+
+
+def test_a_webp_over_the_renderers_memory_is_refused_from_its_canvas():
+    # An 8x8 image on a canvas libwebp allocates whole, twice (the renderer
+    # peaked at 995 MiB for this canvas before the check)
+    data = samples.webp_with(size=(16383, 3051))
+    refused(data, r"decoding this 16383x3051 webp would take about \d+ MiB")
+
+
+@pytest.mark.parametrize("make, match", [
+    (lambda: samples.gif_application_flood(65), "more than 64 application extensions"),
+    (lambda: samples.gif_application_flood(100_000), "more than 64 application extensions"),
+    (lambda: samples.gif_application_sub_blocks(300 << 10, block=255),
+     r"application extensions \(NETSCAPE, XMP, ICC\) hold more than 262144 bytes"),
+    (lambda: samples.gif_application_sub_blocks(40_000, block=1), "extensions have more than 32768 "
+                                                                  "sub-blocks"),
+    (lambda: samples.gif_application_sub_blocks(600_000, block=1), "more than 262144 blocks and "),
+    (lambda: samples.gif_extension_flood(16385), "more than 16384 extension blocks"),
+    (lambda: samples.gif_with(b"\x21\x01" + samples._gif_sub_blocks(b"x" * 40_000, 1)),
+     "more than 32768 sub-blocks"),
+    (lambda: samples.gif_with(b"\x21\xfe" + b"\x01c" * 2000 + b"\x00"),
+     "comments are in more than 1024 sub-blocks"),
+], ids=["65 NETSCAPE", "100,000 NETSCAPE", "300 KiB of XMP", "40,000 1-byte XMP sub-blocks",
+        "600,000 1-byte XMP sub-blocks", "16,385 graphic controls", "plain text of 40,000 "
+        "sub-blocks", "a comment of 2,000 1-byte sub-blocks"])
+def test_gif_extension_floods_are_refused_from_the_blocks(make, match):
+    # Before: Pillow read every extension before the first image one
+    # sub-block at a time (Pillow 9.4: 3-8 s for 26 MB; Pillow 13: 7-12 s)
+    refused(make(), match)
+
+
+def test_a_gif_with_ordinary_extensions_is_identified_and_rendered():
+    # NETSCAPE, XMP (its ASCII bytes double as sub-block lengths), a
+    # graphic control block per frame
+    for upload in (samples.gif_application_flood(3),
+                   samples.gif_application_sub_blocks(20_000, block=80),
+                   samples.gif_extension_flood(100), samples.animated_gif(300)):
+        info = images.identify(upload, LIMITS)
+        (output,) = images.render(upload, [rendition("60x60 fit png 100")], LIMITS)
+        assert info.format == "gif" and output.width == min(60, info.width)

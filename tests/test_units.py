@@ -70,10 +70,15 @@ def test_an_option_past_its_units_memory_max_warns_with_the_drop_in_that_fixes_i
 
 
 def test_a_webhook_timeout_past_the_senders_stop_timeout_warns(shipped_units, tmp_path, capsys):
-    _status, _out, warnings = check_config(tmp_path, capsys, "[webhook]\ntimeout = 20\n")
+    # A POST is bounded as a whole by [webhook] timeout (webhook.post), so
+    # the sender's stop needs that plus the margin, not twice it: 25 s fits
+    # under the shipped TimeoutStopSec=30, 26 s does not.
+    _status, _out, warnings = check_config(tmp_path, capsys, "[webhook]\ntimeout = 26\n")
     (warning,) = warnings
-    assert "[webhook] timeout = 20 needs TimeoutStopSec=45s or more on imgworker-webhook.service" \
+    assert "[webhook] timeout = 26 needs TimeoutStopSec=31s or more on imgworker-webhook.service" \
         in warning
+    _status, _out, warnings = check_config(tmp_path, capsys, "[webhook]\ntimeout = 25\n")
+    assert warnings == []
 
 
 def test_a_drop_in_that_raises_the_unit_silences_the_warning(shipped_units, tmp_path, capsys):

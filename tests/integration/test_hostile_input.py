@@ -86,6 +86,20 @@ def hostile_requests():
                                                     422, 2, 40),
         # ~0.6 s of CPU per MiB
         "22.3 PNG with 2,000 iCCP chunks": (samples.png_iccp_flood(2000), "image/png", 422, 2, 20),
+        # round two. Never parsed, then or now: rendered at once
+        "22.1 WebP EXIF directory": (samples.webp_exif_bomb(), "image/webp", 202, 2, 20),
+        # identify +120 MiB (Pillow 13: +144 MiB) beside the 24 MiB body, then a 202
+        "22.w WebP of 3 million empty XMP chunks": (samples.webp_chunk_flood(3 << 20), "image/webp",
+                                                    422, 5, 60),
+        # identify +65 MiB (Pillow 13: +89 MiB), then a 202
+        "22.w WebP of 449,389 frames": (samples.webp_frame_flood(449_389), "image/webp",
+                                        422, 5, 60),
+        # 3 s (Pillow 13: 6.8 s), then a 202, and 3.8 s in the renderer
+        "22.g GIF of 1.3 million NETSCAPE blocks": (samples.gif_application_flood(1_300_000),
+                                                    "image/gif", 422, 5, 60),
+        # 8.2 s (Pillow 13: 7.6 s), then a 202, and 7.7 s in the renderer
+        "22.g GIF XMP of 12 million 1-byte sub-blocks": (
+            samples.gif_application_sub_blocks(12 << 20), "image/gif", 422, 5, 60),
     }
 
 
@@ -153,6 +167,18 @@ def test_what_the_header_walks_cannot_vouch_for_is_refused_before_anything_is_st
         "22.2 GIF": (samples.gif_comment_bypass(4 * MIB), r"^the gif cannot be read: byte 0x00 at "),
         "22.3 iCCP": (samples.png_iccp_flood(2000), r"^the png has more than one iCCP"),
         "22.3 zTXt": (samples.png_chunk_flood(2000, b"zTXt", 1000), r"^the png has more than 64 "),
+        "WebP XMP": (samples.webp_chunk_flood(65), r"^the webp has more than 64 metadata chunks"),
+        "WebP ICCP": (samples.webp_chunk_flood(100_000, b"ICCP"), r"^the webp has more than 64 "),
+        "WebP frames": (samples.webp_frame_flood(20_000), r"^the webp cannot be read: it has more "
+                                                           r"than 16384 chunks"),
+        "WebP size": (samples.webp_lying_chunk(), r"^the webp cannot be read: the XMP chunk at "
+                                                   r"offset \d+ runs past its end"),
+        "GIF NETSCAPE": (samples.gif_application_flood(65),
+                         r"^the gif has more than 64 application"),
+        "GIF XMP": (samples.gif_application_sub_blocks(300 << 10, block=255),
+                    r"^the gif's application extensions .* hold more than"),
+        "GIF controls": (samples.gif_extension_flood(20_000), r"^the gif has more than 16384 "
+                                                               r"extension blocks"),
     }
     for name, (data, reason) in cases.items():
         started = time.monotonic()
@@ -170,11 +196,11 @@ def test_what_the_header_walks_cannot_vouch_for_is_refused_before_anything_is_st
 def test_a_jpeg_whose_metadata_directory_pillow_parses_quadratically_renders_at_once(make_pipeline):
     # Given a worker, and JPEGs whose header walk vouches for them but whose
     # Exif or MPF directory Pillow 9.4 parsed for 1.2 s and 360 MB, or 73 s
-    # and 3.5 GB, in the renderer
+    # and 3.5 GB, in the renderer; and a WebP with the same directory as EXIF
     pipeline = make_pipeline()
     pipeline.start_api()
     worker = pipeline.start_worker()
-    for data in (samples.exif_bomb(), samples.mpf_bomb(stray=False)):
+    for data in (samples.exif_bomb(), samples.mpf_bomb(stray=False), samples.webp_exif_bomb()):
         # When each is uploaded
         started = time.monotonic()
         job = pipeline.wait_job(pipeline.upload(data=data).json()["id"], timeout=30)
