@@ -91,25 +91,27 @@ class Eraser:
                 if not tombstone.get("announced"):
                     begun.append(tombstone)     # one cut short: finish it
                 continue
-            job = self.storage.read_job(job_id)
-            if job is None and not self.storage.has_files(job_id):
+            try:
+                tombstone = self.storage.lay_tombstone(job_id, reason, LOCK_TIMEOUT)
+            except LookupError:
                 results[job_id] = Result.UNKNOWN
                 continue
-            tombstone = {"id": job_id, "owner": job.owner if job else None, "reason": reason,
-                         "ended": job.ended if job else None, "at": time.time(),
-                         "announced": False}
-            if self.storage.lay_tombstone(tombstone, LOCK_TIMEOUT):
+            if tombstone is None:               # another erasure was first
+                results[job_id] = Result.GONE
+            else:
                 results[job_id] = Result.ERASED
                 begun.append(tombstone)
-            else:                               # another erasure was first
-                results[job_id] = Result.GONE
         self.storage.sync()
         self._finish(begun)
         return results
 
     def erase_owner(self, owner, reason="request"):
-        """How many of the owner's jobs were erased now."""
+        """How many of the owner's jobs were erased now. Written down
+        before the first tombstone, so one cut short is run again whole by
+        the sweep."""
+        self.storage.begin_owner_erasure(owner)
         results = self.erase(self.storage.owner_jobs(owner), reason)
+        self.storage.end_owner_erasure(owner)
         return sum(result is Result.ERASED for result in results.values())
 
     def finish_unfinished(self, older_than):
@@ -123,7 +125,10 @@ class Eraser:
             else:
                 tombstones.append(tombstone)
         self._finish(tombstones)
-        return len(tombstones)
+        finished = len(tombstones)
+        for owner in self.storage.unfinished_owner_erasures(older_than):
+            finished += self.erase_owner(owner)
+        return finished
 
     # -- steps 2 and 3 ----------------------------------------------------------------
     def _finish(self, tombstones):

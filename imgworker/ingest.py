@@ -91,6 +91,9 @@ def recover(config, older_than=None):
     try:
         for job_id in storage.pending_jobs(age):
             log = JobLog(logger, job_id)
+            if storage.is_erased(job_id):   # its erasure (or the sweep's) removes it
+                storage.clear_pending(job_id)
+                continue
             job = storage.read_job(job_id)
             if job is None:
                 storage.forget_job(job_id)

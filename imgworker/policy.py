@@ -206,6 +206,8 @@ class JobPolicy:
                 return self._fail(job, log, "the uploaded original is missing from storage")
             return self._retry(job, log, attempts, error)
         except Exception as error:  # noqa: BLE001 - bounded by max_attempts
+            if self.storage.is_erased(job_id):
+                raise Erased(job_id) from None      # the original went with it
             return self._retry(job, log, attempts, error)
 
     def _finish(self, rendered):

@@ -414,10 +414,16 @@ class Storage:
     def stage_renditions(self, job_id, outputs):
         """A job's renditions, [(rendition, bytes)], written under temp names
         in their directory but not yet durable (see stage()): what
-        commit_renditions takes. The renderer child calls this."""
-        return stage(self.rendition_dir(job_id), {
-            os.path.basename(self.rendition_path(job_id, rendition)): data
-            for rendition, data in outputs}, _PUBLIC_FILE)
+        commit_renditions takes. The renderer child calls this, under the
+        job's lock: a job erased meanwhile gets nothing written ({}), and
+        its commit_renditions says Erased."""
+        try:
+            with self.unless_erased(job_id):
+                return stage(self.rendition_dir(job_id), {
+                    os.path.basename(self.rendition_path(job_id, rendition)): data
+                    for rendition, data in outputs}, _PUBLIC_FILE)
+        except Erased:
+            return {}
 
     def commit_renditions(self, job_id, staged):
         """Make staged renditions durable under their names (see commit()).
@@ -529,23 +535,46 @@ class Storage:
         return os.path.exists(self.tombstone_path(job_id))
 
     def read_tombstone(self, job_id):
+        """The job's tombstone, or None. One a crash left unreadable (an
+        older version wrote them in place) still says the job is erased: its
+        event goes out again, with no owner."""
         try:
             with open(self.tombstone_path(job_id), "rb") as handle:
-                return json.loads(handle.read())
+                tombstone = json.loads(handle.read())
+            if isinstance(tombstone, dict) and tombstone.get("id") == job_id:
+                return tombstone
         except FileNotFoundError:
             return None
+        except (OSError, ValueError):
+            pass
+        return {"id": job_id, "owner": None, "ended": None, "reason": "request",
+                "at": None, "announced": False}
 
-    def lay_tombstone(self, tombstone, timeout):
-        """Write a job's tombstone (a dict with its "id") under the job's
-        lock, and its erasing mark; not yet durable (sync()). False if it
-        had one already."""
-        job_id = tombstone["id"]
+    def lay_tombstone(self, job_id, reason, timeout):
+        """Write a job's tombstone under the job's lock, and its erasing
+        mark; not yet durable (sync()). The tombstone ({"id", "owner",
+        "ended", "reason", "at", "announced"}) is made from the record as it
+        is under the lock, so no write of the job comes between. None if the
+        job had one already; LookupError if there is no such job."""
         with self._locks.held(job_id, timeout):
             if self.is_erased(job_id):
-                return False
-            _create(os.path.join(self.root, "erasing", job_id), b"")
-            _create(self.tombstone_path(job_id), json.dumps(tombstone).encode())
-        return True
+                return None
+            job = self.read_job(job_id)
+            if job is None and not self.has_files(job_id):
+                raise LookupError(job_id)
+            tombstone = {"id": job_id, "owner": job.owner if job else None,
+                         "ended": job.ended if job else None, "reason": reason,
+                         "at": time.time(), "announced": False}
+            # the mark may be left from an erasure cut short before its
+            # tombstone: not O_EXCL
+            os.close(os.open(os.path.join(self.root, "erasing", job_id),
+                             os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            # whole or absent, whenever the process dies
+            temp = os.path.join(self.root, "tombstones", ".tmp-" + job_id)
+            with open(temp, "wb") as handle:
+                handle.write(json.dumps(tombstone).encode())
+            os.rename(temp, self.tombstone_path(job_id))
+        return tombstone
 
     def update_tombstone(self, tombstone):
         write_atomically(self.tombstone_path(tombstone["id"]), json.dumps(tombstone).encode())
@@ -560,10 +589,41 @@ class Storage:
     def unfinished_erasures(self, older_than=0):
         return self._older(os.path.join(self.root, "erasing"), "", older_than)
 
+    # An erasure by owner is written down first, as erasing/owner-<hash>
+    # holding the owner, so that one cut short while it lays its tombstones
+    # is run again whole by the sweep.
+    def begin_owner_erasure(self, owner):
+        write_atomically(os.path.join(self.root, "erasing", "owner-" + owner_key(owner)),
+                         owner.encode())
+
+    def end_owner_erasure(self, owner):
+        try:
+            os.unlink(os.path.join(self.root, "erasing", "owner-" + owner_key(owner)))
+        except FileNotFoundError:
+            pass
+
+    def unfinished_owner_erasures(self, older_than=0):
+        limit, owners = time.time() - older_than, []
+        try:
+            entries = list(os.scandir(os.path.join(self.root, "erasing")))
+        except FileNotFoundError:
+            return []
+        for entry in entries:
+            try:
+                if entry.name.startswith("owner-") and entry.stat().st_mtime < limit:
+                    with open(entry.path, "rb") as handle:
+                        owners.append(handle.read().decode())
+            except (OSError, UnicodeDecodeError):
+                pass
+        return owners
+
     def remove_job_files(self, job_id, owner, ended=None):
         """Every file of an erased job: renditions, original, record,
         pending mark, owner index and ended index entries; not yet durable
         (sync())."""
+        job = self.read_job(job_id)
+        if job is not None:             # a tombstone a crash left unreadable names neither
+            owner, ended = owner or job.owner, ended or job.ended
         directory = self.rendition_dir(job_id)
         try:
             names = os.listdir(directory)
@@ -588,8 +648,8 @@ class Storage:
                 pass                    # other jobs ended in that hour
         try:
             os.rmdir(directory)
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass                        # gone already
 
     def has_files(self, job_id):
         return any(os.path.exists(path) for path in (

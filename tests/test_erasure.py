@@ -52,9 +52,9 @@ def files_of(root, job_id):
 
 
 def tombstone(storage, job_id):
-    laid = storage.lay_tombstone({"id": job_id, "owner": "alice", "reason": "request",
-                                  "at": time.time(), "announced": False}, timeout=5)
-    storage.remove_job_files(job_id, "alice")
+    laid = storage.lay_tombstone(job_id, "request", timeout=5)
+    if laid:
+        storage.remove_job_files(job_id, laid["owner"], laid["ended"])
     return laid
 
 
@@ -113,15 +113,15 @@ def test_the_jobs_lock_keeps_an_erasure_and_a_writer_in_another_process_apart(wo
         assert ready.wait(30)
         started = time.monotonic()
         with pytest.raises(LockTimeout):
-            storage.lay_tombstone({"id": job_id}, timeout=0.3)
+            storage.lay_tombstone(job_id, "request", timeout=0.3)
         assert time.monotonic() - started >= 0.3
         assert not storage.is_erased(job_id)
-        # another job's lock is free meanwhile
-        other = new_job_id()
-        assert storage.lay_tombstone({"id": other}, timeout=0.3)
+        # another job's lock is free meanwhile (one that is not there at all)
+        with pytest.raises(LookupError):
+            storage.lay_tombstone(new_job_id(), "request", timeout=0.3)
         release.set()
         holder.join(30)
-        assert storage.lay_tombstone({"id": job_id}, timeout=5)
+        assert storage.lay_tombstone(job_id, "request", timeout=5)["owner"] == "alice"
     finally:
         release.set()
         holder.join(30)
