@@ -1,4 +1,4 @@
-"""python3 -m bench [--smoke] [--out DIR] [--only engine,ingest,endtoend,memory,queues,fuzz]
+"""python3 -m bench [--smoke] [--out DIR] [--only engine,ingest,endtoend,memory,queues,fuzz,auth]
 
 Runs the benchmarks (see bench/__init__.py) and writes DIR/results.md and
 DIR/chart.png (default DIR: bench/results). Needs RabbitMQ on localhost (or
@@ -14,9 +14,9 @@ import tempfile
 from imgworker import config
 from harness.pipeline import AMQP_URL
 
-from . import endtoend, engine, fuzz, ingest, inputs, memory, queues, report
+from . import auth, endtoend, engine, fuzz, ingest, inputs, memory, queues, report
 
-PARTS = ("engine", "ingest", "endtoend", "memory", "queues", "fuzz")
+PARTS = ("engine", "ingest", "endtoend", "memory", "queues", "fuzz", "auth")
 
 
 def main(argv=None):
@@ -99,6 +99,15 @@ def main(argv=None):
         if "queues" in parts:
             log("queue types: one node classic, one node quorum, a 3-node cluster")
             results["queues"] = queues.run(workdir, AMQP_URL, photo, smoke, log=log)
+
+        if "auth" in parts:
+            log(f"auth: {len(photo) // 1000} KB uploads through nginx with no credentials, "
+                "a key, a grant per upload")
+            results["auth"] = auth.run(workdir, AMQP_URL, photo,
+                                       connections=4 if smoke else 32,
+                                       seconds=1 if smoke else 5,
+                                       repetitions=1 if smoke else 3, log=log,
+                                       profile=not smoke)
 
         if "fuzz" in parts:
             log("fuzz: hostile files through images.identify, hypothesis searching")

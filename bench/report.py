@@ -89,6 +89,67 @@ def _engine_section(results):
     return lines
 
 
+def _auth_section(results):
+    from . import auth as auth_bench
+    found = results["auth"]
+    designs = found["designs"]
+
+    def rate(name):
+        return statistics.median(r.result.accepted_per_second for r in designs[name])
+    off = rate(auth_bench.OFF) if designs.get(auth_bench.OFF) else 0
+    groups = list(next(iter(designs.values()))[0].cpu_ms) if designs else []
+    lines = [
+        "## 7. Auth: what credentials cost ingest",
+        "",
+        "495 KB raw-body uploads through nginx (the shipped site, rate limits lifted), "
+        "driven by bench/load.py (one thread, 32 keep-alive connections, 5 s per run, 3 runs "
+        "after a warm-up round) on the same 2 cores, the designs interleaved run after run. "
+        "The client sends each request's own head and one body buffer with no copy, so a "
+        "grant per request costs it what a constant key does (wrk, which formats each "
+        "request in Lua, spent 1 ms more per request with a grant of its own; its figures "
+        "in section 2 are not comparable with these). *before issue 23* is "
+        f"imgworker at {auth_bench.BEFORE[:7]}, exported from git and run with its own nginx "
+        "site (no auth_request). With auth off, nginx still asks the API's /auth/upload "
+        "before each upload. A grant per upload: each minted before its run (not timed), "
+        "each spent by its upload. *CPU ms per upload*: CPU time of each process group over "
+        "the run (/proc), divided by the uploads accepted; *machine* is all of the "
+        "machine's busy time.",
+        "",
+        "| design | accepted/s, median (min–max) | vs auth off | p50 ms | p99 ms | refused "
+        "| queued / accepted | " + " | ".join(f"CPU ms per upload: {g}" for g in groups) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(groups),
+    ]
+    for design, runs in designs.items():
+        rates = [r.result.accepted_per_second for r in runs]
+        middle = sorted(runs, key=lambda r: r.result.accepted_per_second)[len(runs) // 2]
+        lines.append(
+            f"| {design} | {statistics.median(rates):.0f} ({min(rates):.0f}–{max(rates):.0f}) "
+            f"| {_ratio(statistics.median(rates), off)} | {middle.result.p50_ms:.1f} "
+            f"| {middle.result.p99_ms:.1f} | {sum(r.result.refused for r in runs)} "
+            f"| {sum(r.result.queued for r in runs)} / {sum(r.result.accepted for r in runs)} | "
+            + " | ".join(f"{statistics.median(r.cpu_ms[g] for r in runs):.2f}" for g in groups)
+            + " |")
+    per_second, refused, p50, p99 = found["grants"]
+    lines += ["", f"POST /grants through nginx with a key (bench/load.py, same connections and "
+              "seconds): "
+              f"{per_second:.0f} grants/s, {refused} refused, p50 {p50:.1f} ms, p99 {p99:.1f} ms."]
+    profile = found["profile"]
+    if isinstance(profile, dict):
+        activities = list(dict.fromkeys(a for spied in profile.values() for a in spied["shares"]))
+        lines += ["", "Where the API processes' Python time goes (py-spy --gil, 250 samples/s "
+                  "of each API process during one more run of each design, not timed; the "
+                  "thread holding the GIL, so I/O waits such as fsync are not in it):", "",
+                  "| activity | " + " | ".join(f"{design} ({spied['samples']} samples)"
+                                               for design, spied in profile.items()) + " |",
+                  "|---|" + "---|" * len(profile)]
+        for activity in activities:
+            lines.append(f"| {activity} | " + " | ".join(
+                f"{spied['shares'].get(activity, 0):.1%}" for spied in profile.values()) + " |")
+    else:
+        lines += ["", f"No profile: {profile}."]
+    return lines
+
+
 def _ingest_section(results):
     designs = results["ingest"]
     baseline_name = next(iter(designs))
@@ -118,7 +179,7 @@ def _ingest_section(results):
             + ("| nothing, by design |" if runs[0].queued is None else
                f"| {sum(r.queued for r in runs)} / {sum(r.accepted for r in runs)} |"))
     ceiling, ours = designs.get(ingest.CEILING), designs.get("imgworker API, raw body")
-    if ceiling and ours:
+    if ceiling and ours and statistics.median(r.accepted_per_second for r in ceiling):
         top = statistics.median(r.accepted_per_second for r in ceiling)
         rate = statistics.median(r.accepted_per_second for r in ours)
         lines += ["", f"imgworker's raw path runs at {rate / top:.0%} of the ceiling "
@@ -273,6 +334,25 @@ def _targets_section(results):
         latency = results["latency"].median
         row("end to end: 2 MP upload to rendition p50 <= 101 ms", f"{latency:.0f} ms",
             latency <= 101)
+    if "auth" in results:
+        from . import auth as auth_bench
+        designs = results["auth"]["designs"]
+
+        def auth_rate(name):
+            return statistics.median(r.result.accepted_per_second for r in designs[name])
+        if designs.get(auth_bench.OFF):
+            off = auth_rate(auth_bench.OFF)
+            for name, what in ((auth_bench.KEY, "an API key"),
+                               (auth_bench.GRANT, "a fresh grant per upload")):
+                row(f"auth: with {what}, >= 90% of auth off's accepted uploads/s",
+                    f"{auth_rate(name) / off:.0%} ({auth_rate(name):.0f} against {off:.0f}/s)",
+                    auth_rate(name) >= 0.9 * off)
+            before = next((name for name in designs if "before issue 23" in name), None)
+            if before:
+                row("auth: with an API key, >= 90% of imgworker before issue 23",
+                    f"{auth_rate(auth_bench.KEY) / auth_rate(before):.0%} "
+                    f"({auth_rate(before):.0f}/s before)",
+                    auth_rate(auth_bench.KEY) >= 0.9 * auth_rate(before))
     if "memory" in results:
         (small, cap) = [main + renderer for main, renderer in results["memory"].values()]
         row("memory: worker <= 120 MB on the 12 MP job (both processes' peaks)",
@@ -334,7 +414,8 @@ def write(results, out):
     lines += [""] + _targets_section(results)
     for key, section in (("engine", _engine_section), ("ingest", _ingest_section),
                          ("drain", _endtoend_section), ("memory", _memory_section),
-                         ("queues", _queues_section), ("fuzz", _fuzz_section)):
+                         ("queues", _queues_section), ("fuzz", _fuzz_section),
+                         ("auth", _auth_section)):
         if key in results:
             lines += [""] + section(results)
     charted = "drain" in results or "latency" in results

@@ -9,7 +9,7 @@ import sys
 
 from PIL import Image
 
-from bench import ingest
+from bench import auth, ingest
 from harness.pipeline import REPO
 
 
@@ -22,7 +22,8 @@ def test_the_bench_smoke_run_writes_its_tables_and_chart(amqp_url, tmp_path):
     results = (out / "results.md").read_text()
     assert "**Smoke run**" in results
     for heading in ("## 1. Renditions engine", "## 2. Ingest through nginx", "## 3. End to end",
-                    "## 4. Memory", "## 5. Queue types and the cluster", "## 6. Fuzzing identify"):
+                    "## 4. Memory", "## 5. Queue types and the cluster", "## 6. Fuzzing identify",
+                    "## 7. Auth: what credentials cost ingest"):
         assert heading in results
     for row in ("| naive Pillow (baseline) |", "| imgworker (images.render",
                 "| straightforward design (baseline), multipart |", f"| {ingest.CEILING} |",
@@ -45,5 +46,18 @@ def test_the_bench_smoke_run_writes_its_tables_and_chart(amqp_url, tmp_path):
                      r"\| [\d.]+ \| \d+% .*\| [\d.]+% .*\|$", results, re.M)
     assert re.search(r"^\| 2 \| [\d.]+ \| [\d.]+ \| \d+% .*\| [\d.]+ \| \d+% .*"
                      r"\| no spare core \| – \| [\d.]+% .*\|$", results, re.M)
+    # the auth designs each accepted uploads, refused none (a grant per
+    # upload: enough were minted) and queued what they accepted
+    for design in (f"imgworker {auth.BEFORE[:7]} (before issue 23), no auth", auth.OFF,
+                   auth.KEY, auth.GRANT):
+        row = re.search(rf"^\| {re.escape(design)} \| [1-9]\d* .*? \| (\d+) \| (\d+) / (\d+) \|",
+                        results, re.M)
+        assert row, design
+        refused, queued, accepted = map(int, row.groups())
+        assert refused == 0 and queued >= accepted > 0, (design, row.group(0))
+    assert re.search(r"^POST /grants through nginx with a key .*: [1-9]\d* grants/s, 0 refused",
+                     results, re.M)
+    assert "| auth: with a fresh grant per upload, >= 90% of auth off's accepted uploads/s |" \
+        in results
     with Image.open(out / "chart.png") as chart:
         assert chart.format == "PNG" and chart.width >= 800

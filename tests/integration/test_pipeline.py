@@ -118,7 +118,7 @@ def test_unknown_jobs_and_renditions_are_404_and_wrong_methods_405(pipeline):
         assert response.status_code == 404, path
         assert "error" in response.json()
     response = requests.get(pipeline.base_url + "/upload", timeout=10)
-    assert response.status_code == 405 and response.headers["Allow"] == "POST"
+    assert response.status_code == 405 and response.headers["Allow"] == "POST, OPTIONS"
 
 
 def test_healthz_is_200_while_the_broker_is_reachable(pipeline):
