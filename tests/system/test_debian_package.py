@@ -1,6 +1,6 @@
 """The Debian package in a booted Debian 12 and 13, under a real systemd
 (tests/system/e2e-nspawn, install-order and worker-host do the work; this
-runs them for each release).
+runs them for each release; auth-upgrade, the upgrade from 0.1.0, on 13).
 
 Needs root, systemd-nspawn and a network that reaches Debian's mirror (to
 build the container's root): it skips on a laptop without them and FAILS
@@ -60,3 +60,9 @@ def test_a_worker_only_host_renders_jobs_from_another_hosts_api_over_a_cluster(r
 def test_the_container_roots_build_from_an_empty_or_stale_cache():
     # What a new user's machine has: no /var/cache/imgworker-roots at all.
     assert _run("roots-cache", "bookworm", 900).endswith("== PASS: roots-cache (bookworm)")
+
+
+def test_auth_upgrade_from_0_1_keeps_taking_uploads_without_credentials_and_says_so():
+    # One release: the upgrade path is the package's, not the release's, and
+    # each run builds two .debs and a container (CI time).
+    assert _run("auth-upgrade", "trixie", 900).endswith("== PASS: auth-upgrade (trixie)")
