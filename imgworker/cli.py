@@ -375,10 +375,7 @@ def cmd_grant(args):
     config = _load_config(args)
     try:
         print(json.dumps(Gatekeeper(config).issue(args.owner, args.max_bytes, args.ttl)))
-    except (ValueError, LookupError) as error:
-        print(f"imgworker: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:
+    except (ValueError, LookupError, OSError) as error:  # a bad owner; no secret; a file
         print(f"imgworker: {error}", file=sys.stderr)
         return 1
     return 0
