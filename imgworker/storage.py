@@ -32,6 +32,7 @@ import json
 import os
 import socket
 import re
+import struct
 import tempfile
 import threading
 import time
@@ -62,53 +63,56 @@ def owner_key(owner):
 
 
 class _JobLocks:
-    """POSIX byte-range locks on one file, ROOT/.locks: the byte at an
-    offset taken from the job id is that job's lock. They hold across the
-    processes of a host and across the hosts of a shared filesystem that
-    has locks (NFSv4, CephFS), with no file per job. They are a process's,
-    not a thread's: within a process, callers must not take one job's lock
-    from two threads at once (a worker handles a job in one thread at a
-    time; an API thread takes it only to write a tombstone). One
-    descriptor per process and root, never closed: closing any descriptor
-    of the file drops every lock the process holds on it."""
-
-    _open = {}                      # (pid, path) -> fd
-    _guard = threading.Lock()
+    """Open-file-description (OFD) byte-range locks on one file,
+    ROOT/.locks: the byte at an offset taken from the job id is that job's
+    lock. They hold across the processes of a host and across the hosts of
+    a shared filesystem that has locks (NFSv4, CephFS), with no file per
+    job. An OFD lock belongs to the descriptor that took it, not to the
+    process: two threads of one process exclude each other too, and closing
+    the descriptor (each hold opens its own) gives back that lock alone.
+    Nothing stays open between holds, so the storage can be unmounted under
+    a waiting worker."""
 
     def __init__(self, root):
         self.path = os.path.join(root, ".locks")
 
-    def _fd(self):
-        key = (os.getpid(), self.path)
-        with self._guard:
-            if key not in self._open:
-                self._open[key] = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            return self._open[key]
-
     @contextlib.contextmanager
     def held(self, job_id, timeout=None):
         """The job's lock for the block; with ``timeout`` (seconds),
-        LockTimeout if another process holds it that long."""
-        fd, offset = self._fd(), int(job_id[:15], 16)
-        if timeout is None:
-            fcntl.lockf(fd, fcntl.LOCK_EX, 1, offset)
-        else:
-            deadline = time.monotonic() + timeout
-            while True:
-                try:
-                    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, offset)
-                    break
-                except OSError as error:
-                    if error.errno not in (errno.EAGAIN, errno.EACCES):
-                        raise
-                    if time.monotonic() > deadline:
-                        raise LockTimeout(f"job {job_id} is being written by another "
-                                          "process") from None
-                    time.sleep(0.01)
+        LockTimeout if another holder keeps it that long."""
+        request = _flock(fcntl.F_WRLCK, int(job_id[:15], 16))
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
+            if timeout is None:
+                fcntl.fcntl(fd, _F_OFD_SETLKW, request)
+            else:
+                deadline = time.monotonic() + timeout
+                while True:
+                    try:
+                        fcntl.fcntl(fd, _F_OFD_SETLK, request)
+                        break
+                    except OSError as error:
+                        if error.errno not in (errno.EAGAIN, errno.EACCES):
+                            raise
+                        if time.monotonic() > deadline:
+                            raise LockTimeout(f"job {job_id} is being written by another "
+                                              "process") from None
+                        time.sleep(0.01)
             yield
         finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN, 1, offset)
+            os.close(fd)                # gives the lock back
+
+
+# Linux's fcntl commands for OFD locks (3.15+; Python names them from 3.9 on
+# some platforms only) and its struct flock on 64-bit: l_type, l_whence,
+# (pad), l_start, l_len, l_pid (0 for OFD locks), (pad).
+_F_OFD_SETLK = getattr(fcntl, "F_OFD_SETLK", 37)
+_F_OFD_SETLKW = getattr(fcntl, "F_OFD_SETLKW", 38)
+
+
+def _flock(kind, offset):
+    """A struct flock for one byte at ``offset``."""
+    return struct.pack("=hh4xqqi4x", kind, os.SEEK_SET, offset, 1, 0)
 
 
 def new_job_id():

@@ -146,3 +146,31 @@ def test_a_record_written_before_an_erasure_is_removed_by_it(world):
     tombstone(storage, job_id)
     assert storage.read_job(job_id) is None
     assert storage_module.is_job_id(job_id) and storage.is_erased(job_id)
+
+
+def test_the_jobs_lock_keeps_two_threads_of_one_process_apart_and_leaves_nothing_open(world):
+    _settings, storage, job_id, _policy = world
+    import threading
+    inside, release = threading.Event(), threading.Event()
+
+    def hold():
+        with storage._locks.held(job_id):
+            inside.set()
+            release.wait(30)
+    holder = threading.Thread(target=hold)
+    holder.start()
+    try:
+        assert inside.wait(30)
+        with pytest.raises(LockTimeout):
+            with storage._locks.held(job_id, timeout=0.2):
+                pass
+    finally:
+        release.set()
+        holder.join(30)
+    with storage._locks.held(job_id, timeout=1):
+        pass
+    # between holds no descriptor of the lock file stays open (an unmount
+    # of the storage must not find it busy)
+    held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
+            if os.path.exists(f"/proc/self/fd/{fd}")]
+    assert storage._locks.path not in held
