@@ -333,6 +333,13 @@ http {{
             self.process.wait(10)
 
 
+def _knows_option(source, option):
+    """Whether the imgworker tree at ``source`` has ``option`` in its
+    config schema (the bench runs older trees beside this one)."""
+    with open(os.path.join(source, "imgworker", "config.py"), encoding="utf-8") as handle:
+        return f'"{option}": Option(' in handle.read()
+
+
 class Pipeline:
     """A config file, a storage root and queues of its own, and helpers to
     start services and look at what a user would look at."""
@@ -360,8 +367,11 @@ class Pipeline:
         # [storage] metrics_dir is told in its units' variable (start())
         self.metrics_dir = os.path.join(self.workdir, "metrics")
         os.makedirs(self.metrics_dir, exist_ok=True)      # an older tree does not make it
-        if source == REPO:
+        if source == REPO or _knows_option(source, "metrics_dir"):
+            # Never the default /run/imgworker/metrics: another pipeline, or
+            # another prometheus_client (the PyPI pass), may have files there.
             values["storage"]["metrics_dir"] = self.metrics_dir
+        if source == REPO:
             # Open, as an upgraded install is: the tests of credentials
             # say auth={"required": "true"}. The keys and grant secrets are
             # this pipeline's (add_key).

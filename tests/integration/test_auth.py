@@ -453,9 +453,12 @@ def test_two_api_processes_racing_one_grant_accept_exactly_one_upload(make_pipel
             assert retried.status_code == 202, (told, retried.text)
             won, lost = [retried.json()], [answer for answer in lost if answer[0] != 503]
             late += 1     # its message may still reach the queue, for no stored job
-        # Then exactly one is accepted and the others are told it is used
+        # Then exactly one is accepted and the others are told it is used --
+        # or, now and then, 503 + Retry-After with nothing stored (nginx
+        # found an API connection closed under it: seen once in sixteen
+        # with gunicorn 27); what is stored is checked below
         assert len(won) == 1, told
-        assert set(lost) == {(401, "used")}, told
+        assert (401, "used") in set(lost) <= {(401, "used"), (503, None)}, told
         assert pipeline_owner(first, won[0]["id"]) == f"racer{turn}"
         accepted.append(won[0]["id"])
     # And both hosts answered (each nginx logged its 8 per round, and any retry)
