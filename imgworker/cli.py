@@ -136,7 +136,8 @@ def cmd_sweep(args):
     log.setup()
     forgotten = forget_spent_grants(config.storage.root)     # needs no broker
     from .storage import Storage
-    Storage(config.storage.root).measure()                   # for status and /metrics
+    storage = Storage(config.storage.root)
+    storage.measure()                                        # for status and /metrics
     try:
         requeued, unmarked, dropped = recover(config, args.older_than)
     except broker.BrokerUnavailable as error:
@@ -151,9 +152,17 @@ def cmd_sweep(args):
         logger.error("Sweep stopped: erasures cut short cannot be announced: %s. The next "
                      "run tries again.", error)
         return 1
+    from .webhook import forget_erased
+    try:
+        events = forget_erased(config, storage)
+    except broker.BrokerUnavailable as error:
+        logger.error("Sweep stopped: the webhook dead letters of erased jobs cannot be "
+                     "removed: %s. The next run tries again.", error)
+        return 1
     logger.info("Sweep done: %d jobs queued again, %d unmarked, %d uploads dropped, "
-                "%d expired grants forgotten, %d erasures finished.", requeued, unmarked,
-                dropped, forgotten, finished)
+                "%d expired grants forgotten, %d erasures finished, %d webhook dead letters "
+                "of erased jobs removed.", requeued, unmarked, dropped, forgotten, finished,
+                events)
     return 0
 
 
@@ -548,7 +557,9 @@ def build_parser():
                                   description="Queue again the uploads whose API process died "
                                               "before the broker confirmed them, drop "
                                               "uploads that were never accepted, finish "
-                                              "erasures cut short and forget expired grants. "
+                                              "erasures cut short, remove the webhook dead "
+                                              "letters of erased jobs and forget expired "
+                                              "grants. "
                                               "Run by imgworker-sweep.timer.")
     sweeper.add_argument("--older-than", type=float, metavar="SECONDS",
                          help="only what is older than this (default: [api] requeue_after)")

@@ -41,6 +41,7 @@ import pika.exceptions
 
 from . import broker, metrics, waits
 from .job import State
+from .storage import is_job_id
 
 logger = logging.getLogger(__name__)
 
@@ -255,3 +256,52 @@ class WebhookSender:
         to stop meanwhile."""
         return waits.pause(seconds, lambda: self._stop_requested,
                            sleep=time.sleep if connection is None else connection.sleep)
+
+
+def forget_erased(config, storage):
+    """Remove from imgworker.webhooks.dead every event of an erased job but
+    its job.deleted; returns how many were removed. Run by imgworker sweep.
+
+    An event the sender gave up on is a copy of the job: a job.done names
+    the owner and the renditions. Left there after the job was erased, it
+    keeps what the erasure removed, and moved back to imgworker.webhooks by
+    an operator it would be POSTed after the job.deleted, telling the app
+    of renditions it has just been told to delete. A dead-lettered
+    job.deleted stays: it is the notice the app has not had yet.
+
+    One pass over the queue, each message held unacknowledged until the
+    connection closes, which returns what was not removed in its order:
+    the cost grows with the dead letters, not with the storage."""
+    connection = broker.connect(config, "sweep")
+    removed = 0
+    try:
+        channel = connection.channel()
+        try:
+            channel.queue_declare(DEAD_LETTER_QUEUE, passive=True)
+        except broker.Refused:          # webhooks were never on with this broker
+            return 0
+        while True:
+            method, properties, _body = channel.basic_get(DEAD_LETTER_QUEUE)
+            if method is None:
+                return removed
+            job_id = properties.message_id
+            if _sent_as(properties.headers) != broker.JOB_DELETED and is_job_id(job_id) \
+                    and storage.is_erased(job_id):
+                channel.basic_ack(method.delivery_tag)
+                removed += 1
+    finally:
+        try:
+            connection.close()
+        except broker.BrokerUnavailable:
+            pass        # lost: the broker returns what was held all the same
+
+
+def _sent_as(headers):
+    """The routing key a dead letter was published with, from the x-death
+    header RabbitMQ adds (the queue dead-letters with a routing key of its
+    own); None if that is not there as RabbitMQ writes it."""
+    deaths = headers.get("x-death") if isinstance(headers, dict) else None
+    death = deaths[0] if isinstance(deaths, list) and deaths else None
+    keys = death.get("routing-keys") if isinstance(death, dict) else None
+    key = keys[0] if isinstance(keys, list) and keys else None
+    return key.decode(errors="replace") if isinstance(key, bytes) else key

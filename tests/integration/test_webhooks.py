@@ -345,3 +345,39 @@ def test_an_event_with_a_routing_key_imgworker_never_sends_is_dead_lettered_unse
                    for headers, body, _at in receiver.requests)
     assert sender.process.poll() is None
     assert "Traceback" not in sender.log()
+
+
+def dead_events(pipeline):
+    """(routing key it was sent with, job id) of each event in
+    imgworker.webhooks.dead, left in place."""
+    connection, channel = pipeline._channel()
+    try:
+        gets = iter(lambda: channel.basic_get(webhook.DEAD_LETTER_QUEUE), (None, None, None))
+        return sorted((properties.headers["x-death"][0]["routing-keys"][0],
+                       properties.message_id) for _method, properties, _body in gets)
+    finally:
+        connection.close()
+
+
+def test_the_sweep_removes_the_dead_lettered_events_of_an_erased_job_but_its_job_deleted(
+        webhook_pipeline):
+    # Given a receiver that refuses every event (410: dead-lettered at
+    # once), and two done jobs whose job.done it refused
+    pipeline, receiver, sender = webhook_pipeline([410])
+    erased, kept = upload_and_finish(pipeline), upload_and_finish(pipeline)
+    for job_id in (erased, kept):
+        sender.wait_log(f"job.done for job {job_id} refused (HTTP 410)")
+    # When one is erased (its job.deleted refused too) and the sweep runs
+    assert json.loads(pipeline.cli("erase", erased).stdout)["erased"] == [erased]
+    sender.wait_log(f"job.deleted for job {erased} refused (HTTP 410)")
+    wait_until(lambda: ("job.deleted", erased) in dead_events(pipeline),
+               "the job.deleted dead-lettered")
+    swept = pipeline.cli("sweep")
+    # Then the erased job's job.done is gone from the dead letters: nothing
+    # there names its owner or renditions any more; its job.deleted, the
+    # notice the app has not had, and the kept job's job.done stay
+    assert dead_events(pipeline) == sorted([("job.deleted", erased), ("job.done", kept)])
+    assert "1 webhook dead letters of erased jobs removed" in swept.stderr, swept.stderr
+    # and a sweep after it finds nothing more to remove
+    assert "0 webhook dead letters of erased jobs removed" in pipeline.cli("sweep").stderr
+    assert dead_events(pipeline) == sorted([("job.deleted", erased), ("job.done", kept)])
