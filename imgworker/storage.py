@@ -394,9 +394,15 @@ class Storage:
             _create(self.original_path(job.id), data)
             _create(temp, job.to_json())
             _mark(temp, self._pending_path(job.id))
-            if job.owner is not None:
-                self._index_owner(job.owner, job.id)
-            os.rename(temp, record)
+            if job.owner is None:
+                os.rename(temp, record)
+            else:
+                # Under the job's lock: an owner's erasure that finds the
+                # index entry lays the tombstone under that lock, so it finds
+                # the record too, owner and all, and removes both.
+                with self._locks.held(job.id):
+                    self._index_owner(job.owner, job.id)
+                    os.rename(temp, record)
             self._group_sync.wait()
         except OSError as error:
             try:

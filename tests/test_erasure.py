@@ -6,6 +6,7 @@ tests/integration/test_erasure.py."""
 
 import multiprocessing
 import os
+import threading
 import time
 
 import pytest
@@ -174,3 +175,42 @@ def test_the_jobs_lock_keeps_two_threads_of_one_process_apart_and_leaves_nothing
     held = [os.readlink(f"/proc/self/fd/{fd}") for fd in os.listdir("/proc/self/fd")
             if os.path.exists(f"/proc/self/fd/{fd}")]
     assert storage._locks.path not in held
+
+
+def test_an_owners_erasure_that_finds_an_upload_being_stored_erases_all_of_it(tmp_path,
+                                                                              monkeypatch):
+    # Given an upload of owner bob being stored, paused just after its
+    # owner index entry is written
+    storage = Storage(str(tmp_path))
+    storage.prepare(marker=True)
+    job = Job.accepted(new_job_id(), "jpeg", 80, 60, 1, owner="bob")
+    erasure = {}
+    indexed, erasing = threading.Event(), threading.Event()
+    index_owner = Storage._index_owner
+
+    def index_then_let_the_erasure_in(self, owner, job_id):
+        index_owner(self, owner, job_id)
+        indexed.set()
+        erasing.wait(2)         # the erasure has listed the entry and waits for the lock
+
+    def erase_bob():
+        indexed.wait(10)
+        eraser = Storage(str(tmp_path))
+        found = eraser.owner_jobs("bob")
+        erasing.set()
+        erasure["listed"] = found
+        erasure["tombstone"] = tombstone(eraser, found[0]) if found else None
+        for job_id in found:
+            eraser.finish_erasing(job_id)
+    monkeypatch.setattr(Storage, "_index_owner", index_then_let_the_erasure_in)
+    thread = threading.Thread(target=erase_bob)
+    thread.start()
+    # When bob's erasure lists his jobs in the middle of it
+    storage.store_upload(job, samples.jpeg(80, 60))
+    thread.join(30)
+    # Then the erasure found the job with its owner, and nothing of it is
+    # left: not the record, not the index entry
+    assert erasure["listed"] == [job.id]
+    assert erasure["tombstone"]["owner"] == "bob"
+    assert files_of(str(tmp_path), job.id) == []
+    assert storage.read_job(job.id) is None and storage.owner_jobs("bob") == []
