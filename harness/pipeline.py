@@ -213,10 +213,12 @@ class Nginx:
     that upload fast from one address test something else. ``tls=True``
     runs the HTTPS site (imgworker-tls.conf) with a self-signed certificate
     for 127.0.0.1 (``self.certificate``): ``base_url`` is https, and
-    ``http_url`` the plain server that redirects.
+    ``http_url`` the plain server that redirects. ``erasure_wait`` (e.g.
+    "1s") shortens how long nginx waits for an owner's erasure.
     """
 
-    def __init__(self, pipeline, worker_processes=1, rate_limits="lifted", tls=False):
+    def __init__(self, pipeline, worker_processes=1, rate_limits="lifted", tls=False,
+                 erasure_wait=None):
         assert rate_limits in ("lifted", "shipped")
         self.dir = tempfile.mkdtemp(prefix="iw-nginx-")
         self.port = free_port()
@@ -237,6 +239,8 @@ class Nginx:
         self.access_log = os.path.join(self.dir, "access.log")
         alias = {"alias /var/lib/imgworker/renditions/;":
                  f"alias {os.path.join(pipeline.root, 'renditions')}/;"}
+        if erasure_wait is not None:
+            alias["proxy_read_timeout 300s;"] = f"proxy_read_timeout {erasure_wait};"
         if os.path.exists(os.path.join(shipped_dir, "conf.d")):
             alias["access_log /var/log/nginx/access.log imgworker;"] = \
                 f"access_log {self.access_log} imgworker;"

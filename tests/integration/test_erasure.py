@@ -10,18 +10,16 @@ import concurrent.futures
 import functools
 import json
 import os
-import re
 import signal
 import threading
 import time
 
-import pika
 import requests
 
-from imgworker import broker
 from imgworker.job import Job
 from imgworker.storage import Storage, new_job_id
 from harness import samples
+from harness.erasure import Events, files_of, nothing_of, stopped_mid_render
 from harness.pipeline import children, wait_until
 
 
@@ -56,31 +54,6 @@ def upload(pipeline, image, owner=None, key=None):
     return response.json()["id"]
 
 
-def files_of(root, job_ids):
-    """{job id: [paths below root naming it]} for each job that still has
-    any: originals/, jobs/ (record, .pending, temp files), renditions/<id>/
-    and what is in it, owners/*/<id>, erasing/<id>; its tombstone aside."""
-    wanted, found = set(job_ids), {}
-    tombstones = os.path.join(root, "tombstones")
-    for directory, dirs, files in os.walk(root):
-        for name in files + dirs:
-            path = os.path.join(directory, name)
-            if directory == tombstones:
-                continue
-            relative = os.path.relpath(path, root)
-            for job_id in set(re.findall(r"[0-9a-f]{32}", relative)) & wanted:
-                found.setdefault(job_id, []).append(relative)
-    return {job_id: sorted(paths) for job_id, paths in found.items()}
-
-
-def nothing_of(pipeline, *job_ids):
-    """Assert no file of the jobs is below the root, and each has its tombstone."""
-    left = files_of(pipeline.root, job_ids)
-    assert not left, f"files of erased jobs left on disk: {left}"
-    for job_id in job_ids:
-        assert os.path.exists(os.path.join(pipeline.root, "tombstones", job_id)), job_id
-
-
 def settle(pipeline, *workers):
     """Stop the workers (what they held unacknowledged goes back to the
     queue) and assert the job queue and the dead-letter queue are empty."""
@@ -88,88 +61,6 @@ def settle(pipeline, *workers):
         assert worker.stop() == 0, worker.log()
     assert pipeline.queue_depth() == 0
     assert pipeline.queue_depth(pipeline.dead_letter_queue) == 0
-
-
-class Events:
-    """A queue of the test's own bound to imgworker.events with job.*, bound
-    when made (before the actions under test), as an app would bind one."""
-
-    def __init__(self, pipeline):
-        self.connection = pika.BlockingConnection(pika.URLParameters(pipeline.amqp_url))
-        self.channel = self.connection.channel()
-        self.channel.exchange_declare(broker.EVENTS_EXCHANGE, "topic", durable=True)
-        self.queue = self.channel.queue_declare("", exclusive=True).method.queue
-        self.channel.queue_bind(self.queue, broker.EVENTS_EXCHANGE, routing_key="job.*")
-        self.seen = []          # [(routing key, body)] in the order they arrived
-
-    def read(self, until=None, timeout=30, quiet=0.5):
-        """Read what arrived; until ``until(seen)`` is true (or ``timeout``),
-        then on until nothing came for ``quiet`` seconds."""
-        deadline = time.monotonic() + timeout
-        last = time.monotonic()
-        while time.monotonic() < deadline:
-            method, properties, body = self.channel.basic_get(self.queue, auto_ack=True)
-            if method is not None:
-                assert properties.delivery_mode == broker.PERSISTENT
-                self.seen.append((method.routing_key, json.loads(body)))
-                last = time.monotonic()
-                continue
-            if (until is None or until(self.seen)) and time.monotonic() - last > quiet:
-                break
-            self.connection.sleep(0.05)
-        return self.seen
-
-    def deleted(self, job_ids):
-        """The job.deleted bodies of these jobs (the exchange is the
-        broker's, shared with whatever else runs on it)."""
-        job_ids = set(job_ids)
-        return [body for key, body in self.seen
-                if key == "job.deleted" and body.get("id") in job_ids]
-
-    def assert_deleted_last(self, job_id, owner):
-        """job.deleted came for the job, with its owner and reason request, and
-        no job.done/job.failed of it after."""
-        if not self.deleted([job_id]):
-            self.read(lambda seen: self.deleted([job_id]))
-        ofjob = [(key, body) for key, body in self.seen if body.get("id") == job_id]
-        keys = [key for key, _ in ofjob]
-        assert "job.deleted" in keys, ofjob
-        first = keys.index("job.deleted")
-        assert ofjob[first][1] == {"id": job_id, "owner": owner, "reason": "request"}
-        assert set(keys[first:]) == {"job.deleted"}, f"an end event after job.deleted: {keys}"
-
-    def close(self):
-        self.connection.close()
-
-
-def stopped_mid_render(pipeline, worker, job_id):
-    """The worker's renderer, SIGSTOPped while it decodes the job: it reads
-    the original's pixels, past the header walk (images._open maps the file
-    to walk it, closes it, and opens it again to decode). Not merely busy:
-    a fresh renderer spends its first CPU importing Pillow."""
-    original = Storage(pipeline.root).original_path(job_id)
-    pid = worker.renderer_pid()
-
-    def decoding():
-        with open(f"/proc/{pid}/maps") as handle:
-            if original in handle.read():
-                return False            # the header walk
-        for fd in os.listdir(f"/proc/{pid}/fd"):
-            try:
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == original:
-                    with open(f"/proc/{pid}/fdinfo/{fd}") as handle:
-                        position = int(handle.readline().split()[1])
-                    return position > 1 << 20
-            except FileNotFoundError:
-                pass
-        return False
-    deadline = time.monotonic() + 30
-    while not decoding():
-        assert time.monotonic() < deadline, f"the renderer {pid} never decoded {original}"
-        time.sleep(0.002)
-    os.kill(pid, signal.SIGSTOP)
-    assert decoding(), "the render ended before the renderer could be stopped"
-    return pid
 
 
 def erased_ok(response, job_id):
@@ -572,3 +463,35 @@ def test_a_tombstone_cut_short_by_a_kill_is_finished_by_the_sweep(pipeline):
     assert events.read(lambda seen: events.deleted([job_id]), timeout=5) and \
         events.deleted([job_id])
     events.close()
+
+
+def test_an_owner_erasure_nginx_stops_waiting_for_goes_on_and_nginx_says_so(pipeline):
+    # Given an owner's three queued jobs, a write of one of them holding its
+    # lock for 3 s, and nginx waiting 1 s for an owner's erasure (300 s as
+    # shipped: what a very large owner's takes)
+    pipeline.start_api()
+    nginx = pipeline.start_nginx(erasure_wait="1s")
+    key = pipeline.add_key("ops", "upload,delete")
+    ids = [upload(pipeline, small_jpeg(), owner="carol", key=key) for _ in range(3)]
+    locked, release = threading.Event(), threading.Event()
+
+    def write_in_progress():
+        with Storage(pipeline.root)._locks.held(ids[0]):
+            locked.set()
+            release.wait(3)
+    holder = threading.Thread(target=write_in_progress)
+    holder.start()
+    assert locked.wait(10)
+    # When the owner is erased through nginx
+    answer = delete(pipeline, "/owners/carol/jobs", key, base_url=nginx.base_url)
+    # Then nginx answers 503 saying the erasure goes on, not that the API is down
+    assert answer.status_code == 503, answer.text
+    assert "goes on" in answer.json()["error"] and answer.headers["Retry-After"] == "60"
+    release.set()
+    holder.join()
+    # and it does go on: every file of the three goes, and asked again
+    # once it is over, the answer is 200 with nothing left to erase
+    wait_until(lambda: not files_of(pipeline.root, ids), "the erasure to finish")
+    nothing_of(pipeline, *ids)
+    again = delete(pipeline, "/owners/carol/jobs", key, base_url=nginx.base_url)
+    assert again.status_code == 200 and again.json() == {"owner": "carol", "erased": 0}
