@@ -2,8 +2,11 @@
 scenario in tests/faults/test_cluster_faults.py) look at: the files of a job
 below a storage root, the events on imgworker.events, and a worker's
 renderer caught in the middle of decoding a job (held still with SIGSTOP,
-the test's way to slow the render down to a moment it chooses)."""
+the test's way to slow the render down to a moment it chooses); and the
+few steps they all take: upload with a key, stop the workers and find the
+queues empty."""
 
+import functools
 import json
 import os
 import re
@@ -15,7 +18,36 @@ import pika
 from imgworker import broker
 from imgworker.storage import LockTimeout, Storage
 
+from harness import samples
 from harness.pipeline import wait_until
+
+
+@functools.lru_cache(maxsize=None)
+def big_jpeg():
+    """24 MP: about a second of rendering here, time enough to catch it."""
+    return samples.jpeg(6000, 4000)
+
+
+def bearer(key):
+    return {"Authorization": f"Bearer {key}"}
+
+
+def upload(pipeline, image, owner=None, key=None):
+    """An upload's id; ?owner= counts only with a key (an anonymous upload
+    names no owner)."""
+    response = pipeline.upload(image, params={"owner": owner} if owner else None,
+                               headers=bearer(key) if key else {})
+    assert response.status_code == 202, response.text
+    return response.json()["id"]
+
+
+def settle(pipeline, *workers):
+    """Stop the workers (what they held unacknowledged goes back to the
+    queue) and assert the job queue and the dead-letter queue are empty."""
+    for worker in workers:
+        assert worker.stop() == 0, worker.log()
+    assert pipeline.queue_depth() == 0
+    assert pipeline.queue_depth(pipeline.dead_letter_queue) == 0
 
 
 def files_of(root, job_ids):

@@ -25,7 +25,8 @@ import requests
 from imgworker.storage import Storage, is_job_id
 from harness import samples
 from harness.cluster import Cluster, NodeDown
-from harness.erasure import Events, files_of, let_finish, nothing_of, stopped_mid_render
+from harness.erasure import (Events, bearer, big_jpeg, files_of, let_finish, nothing_of, settle,
+                             stopped_mid_render, upload)
 from harness.ledger import Ledger
 from harness.pipeline import Pipeline, wait_until
 
@@ -186,12 +187,6 @@ def test_with_no_majority_uploads_get_503_within_the_timeout_and_202_once_one_is
 # -- erasure on a cluster (issue 24): one storage, hosts on different nodes -----------------
 
 @functools.lru_cache(maxsize=None)
-def big_jpeg():
-    """24 MP: about a second of rendering here, time enough to catch it."""
-    return samples.jpeg(6000, 4000)
-
-
-@functools.lru_cache(maxsize=None)
 def medium_jpeg():
     return samples.jpeg(1600, 1200)
 
@@ -232,16 +227,6 @@ def hosts(cluster, tmp_path):
         host.close()
 
 
-def bearer(key):
-    return {"Authorization": f"Bearer {key}"}
-
-
-def upload_as(host, image, owner, key):
-    response = host.upload(image, params={"owner": owner}, headers=bearer(key))
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
 def erase(host, path, key):
     return requests.delete(host.base_url + path, headers=bearer(key), timeout=120)
 
@@ -253,15 +238,6 @@ def handled(worker, job_id):
     return f"job {job_id}: done" in log or f"job {job_id}: erased" in log
 
 
-def settle(host, *workers):
-    """Stop the workers (what they held unacknowledged goes back to the
-    queue) and assert the job queue and the dead-letter queue are empty."""
-    for worker in workers:
-        assert worker.stop() == 0, worker.log()
-    assert host.queue_depth() == 0
-    assert host.queue_depth(host.dead_letter_queue) == 0
-
-
 def test_an_erasure_on_one_api_host_holds_against_a_worker_rendering_on_another(hosts):
     a, b, c = hosts
     key = a.add_key("ops", "upload,delete")
@@ -271,7 +247,7 @@ def test_an_erasure_on_one_api_host_holds_against_a_worker_rendering_on_another(
     events = Events(a)                              # bound through node 1
     # Given a job uploaded through host A, rendered by the worker of host C
     # (node 3), its renderer held still mid-decode
-    job_id = upload_as(a, big_jpeg(), "x", key)
+    job_id = upload(a, big_jpeg(), "x", key)
     renderer = stopped_mid_render(c, worker, job_id)
     try:
         # When it is erased through host B (node 2)
@@ -306,7 +282,7 @@ def test_an_erased_job_redelivered_to_a_worker_on_another_node_writes_nothing(ho
     events = Events(b)                              # bound through node 2
     # Given a job uploaded through A, held by the worker on C (node 3)
     # mid-render, and erased through B (node 2)
-    job_id = upload_as(a, big_jpeg(), "x", key)
+    job_id = upload(a, big_jpeg(), "x", key)
     renderer = stopped_mid_render(c, holder, job_id)
     answer = erase(b, f"/jobs/{job_id}", key)
     assert (answer.status_code, answer.json()) == (200, {"id": job_id, "erased": True})
@@ -344,20 +320,20 @@ def test_an_owners_erasure_on_one_host_while_another_takes_their_uploads(hosts, 
     # the workers write their renditions and records after the erasure --
     # one more held by A's worker, waiting for its renderer, ...
     worker_a = a.start_worker(1)
-    on_a = upload_as(a, big_jpeg(), "o", key)
+    on_a = upload(a, big_jpeg(), "o", key)
     held = [stopped_mid_render(a, worker_a, on_a)]
-    in_hand = upload_as(a, medium_jpeg(), "o", key)
+    in_hand = upload(a, medium_jpeg(), "o", key)
     wait_until(lambda: a.queue_depth() == 0, "A's worker to take a second job (prefetch 2)")
     worker_b = b.start_worker(2)
-    on_b = upload_as(a, big_jpeg(), "o", key)
+    on_b = upload(a, big_jpeg(), "o", key)
     held.append(stopped_mid_render(b, worker_b, on_b))
     # ... and a worker of host C (node 3) rendering the rest as it comes
     worker_c = c.start_worker(3)
     workers = [worker_a, worker_b, worker_c]
     image = medium_jpeg()
     with concurrent.futures.ThreadPoolExecutor(4) as pool:
-        before = list(pool.map(lambda _: upload_as(a, image, "o", key), range(20)))
-        others = list(pool.map(lambda _: upload_as(a, image, "p", key), range(3)))
+        before = list(pool.map(lambda _: upload(a, image, "o", key), range(20)))
+        others = list(pool.map(lambda _: upload(a, image, "p", key), range(3)))
     before += [on_a, in_hand, on_b]
     # and host A taking more of the owner's uploads all along
     uploaded = []                   # (sent, answered, id), at A
@@ -367,7 +343,7 @@ def test_an_owners_erasure_on_one_host_while_another_takes_their_uploads(hosts, 
     def keep_uploading():
         while not stop.is_set():
             sent = time.monotonic()
-            job_id = upload_as(a, image, "o", key)
+            job_id = upload(a, image, "o", key)
             uploaded.append((sent, time.monotonic(), job_id))
             stop.wait(0.1)          # pace: about 10 uploads a second
     uploader = concurrent.futures.ThreadPoolExecutor(1).submit(keep_uploading)

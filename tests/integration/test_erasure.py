@@ -19,48 +19,21 @@ import requests
 from imgworker.job import Job
 from imgworker.storage import Storage, new_job_id
 from harness import samples
-from harness.erasure import Events, files_of, nothing_of, stopped_mid_render
+from harness.erasure import (Events, bearer, big_jpeg, files_of, nothing_of, settle,
+                             stopped_mid_render, upload)
 from harness.pipeline import children, wait_until
 
 
 # -- helpers --------------------------------------------------------------------------
 
 @functools.lru_cache(maxsize=None)
-def big_jpeg():
-    """24 MP: about a second of rendering here, time enough to catch it."""
-    return samples.jpeg(6000, 4000)
-
-
-@functools.lru_cache(maxsize=None)
 def small_jpeg():
     return samples.jpeg(400, 300)
-
-
-def bearer(key):
-    return {"Authorization": f"Bearer {key}"}
 
 
 def delete(pipeline, path, key=None, base_url=None):
     return requests.delete((base_url or pipeline.base_url) + path,
                            headers=bearer(key) if key else {}, timeout=60)
-
-
-def upload(pipeline, image, owner=None, key=None):
-    """An upload's id; ?owner= counts only with a key (an anonymous upload
-    names no owner)."""
-    response = pipeline.upload(image, params={"owner": owner} if owner else None,
-                               headers=bearer(key) if key else {})
-    assert response.status_code == 202, response.text
-    return response.json()["id"]
-
-
-def settle(pipeline, *workers):
-    """Stop the workers (what they held unacknowledged goes back to the
-    queue) and assert the job queue and the dead-letter queue are empty."""
-    for worker in workers:
-        assert worker.stop() == 0, worker.log()
-    assert pipeline.queue_depth() == 0
-    assert pipeline.queue_depth(pipeline.dead_letter_queue) == 0
 
 
 def erased_ok(response, job_id):
