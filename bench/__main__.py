@@ -1,9 +1,12 @@
-"""python3 -m bench [--smoke] [--out DIR] [--only engine,ingest,endtoend,memory,queues,fuzz,auth]
+"""python3 -m bench [--smoke] [--out DIR] [--only engine,ingest,endtoend,memory,queues,fuzz,auth,erasure]
+   python3 -m bench [--smoke] [--out DIR] --only soak [--minutes N]
 
 Runs the benchmarks (see bench/__init__.py) and writes DIR/results.md and
 DIR/chart.png (default DIR: bench/results). Needs RabbitMQ on localhost (or
 IMGWORKER_TEST_AMQP_URL), nginx and wrk; script/bench installs and starts
-them, and pyvips for the engine baseline.
+them, and pyvips for the engine baseline. The soak (``--only soak``, not
+run by default: it takes ``--minutes``, an hour unless told) writes
+DIR/soak/results.md and its chart, and nothing else.
 """
 
 import argparse
@@ -14,9 +17,11 @@ import tempfile
 from imgworker import config
 from harness.pipeline import AMQP_URL
 
-from . import auth, endtoend, engine, fuzz, ingest, inputs, memory, queues, report
+from . import auth, endtoend, engine, erasure, fuzz, ingest, inputs, memory, queues, report
 
-PARTS = ("engine", "ingest", "endtoend", "memory", "queues", "fuzz", "auth")
+PARTS = ("engine", "ingest", "endtoend", "memory", "queues", "fuzz", "auth", "erasure")
+#: Run only when asked for by name (--only): they take too long for the default run.
+ON_REQUEST = ("soak",)
 
 
 def main(argv=None):
@@ -24,14 +29,27 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true",
                         help="tiny inputs, one repetition: checks the code runs, measures nothing")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
-    parser.add_argument("--only", default=",".join(PARTS))
+    parser.add_argument("--only", default=",".join(PARTS),
+                        help=f"comma-separated parts, of {', '.join(PARTS + ON_REQUEST)} "
+                             f"(default: all but {', '.join(ON_REQUEST)})")
+    parser.add_argument("--minutes", type=int, default=60,
+                        help="how long the soak runs (--only soak), in minutes")
     args = parser.parse_args(argv)
     parts = args.only.split(",")
+    unknown = set(parts) - set(PARTS + ON_REQUEST)
+    if unknown:
+        parser.error(f"no such part: {', '.join(sorted(unknown))}")
     smoke = args.smoke
     reps = 1 if smoke else 7
     os.makedirs(args.out, exist_ok=True)
-    results = {"smoke": smoke, "machine": report.machine()}
     log = print
+    if "soak" in parts:
+        from . import soak         # only now: the soak may not be installed with the rest
+        soak.run(minutes=args.minutes, smoke=smoke, out=os.path.join(args.out, "soak"), log=log)
+        parts.remove("soak")
+        if not parts:
+            return 0               # the soak wrote its own results; nothing else to write
+    results = {"smoke": smoke, "machine": report.machine()}
     with tempfile.TemporaryDirectory(prefix="imgworker-bench-", dir="/var/tmp") as workdir:
         if "engine" in parts:
             log("renditions engine: the standard job, one core")
@@ -112,6 +130,11 @@ def main(argv=None):
         if "fuzz" in parts:
             log("fuzz: hostile files through images.identify, hypothesis searching")
             results["fuzz"] = fuzz.run(smoke, log=log)
+
+        if "erasure" in parts:
+            log("erasure: an owner's jobs erased through DELETE /owners/<owner>/jobs, gc, and "
+                "ingest and drain with the tombstone checks against the releases before")
+            results["erasure"] = erasure.run(workdir, AMQP_URL, photo, smoke, log=log)
 
     markdown = report.write(results, args.out)
     log(f"wrote {markdown} and {os.path.join(args.out, 'chart.png')}")

@@ -3,6 +3,7 @@ chart.png (drain rate against workers; latency distributions)."""
 
 import os
 import platform
+import re
 import statistics
 import subprocess
 
@@ -147,6 +148,146 @@ def _auth_section(results):
                 f"{spied['shares'].get(activity, 0):.1%}" for spied in profile.values()) + " |")
     else:
         lines += ["", f"No profile: {profile}."]
+    return lines
+
+
+def _spread(values, form):
+    return f"{statistics.median(values):{form}} ({min(values):{form}}–{max(values):{form}})"
+
+
+def _paired(values, baselines):
+    """Each value against the baseline of its own round: 'median (min–max)'."""
+    ratios = [value / base for value, base in zip(values, baselines) if base]
+    if not ratios:
+        return "–"
+    return (f"{statistics.median(ratios):.2f}x ({min(ratios):.2f}x–{max(ratios):.2f}x)")
+
+
+def _erasure_section(results):
+    from . import erasure as erasure_bench
+    found = results["erasure"]
+    sizes = found["sizes"]
+    big, small = (erasure_bench.store_name(total) for total in sizes["totals"])
+    runs = sizes["runs"]
+    lines = [
+        "## 8. Erasure and retention",
+        "",
+        f"Two stores, {sizes['totals'][0]:,} and {sizes['totals'][1]:,} jobs, written "
+        "straight to disk in imgworker.storage's layout (a done job: its original, record, "
+        "three renditions, an owner index entry and an ended index entry; one job in 20 "
+        "failed, with no renditions; a 4 KiB original and 1 KiB renditions, as the cost goes "
+        "with files and fsyncs, not bytes), synced before anything is timed, on "
+        f"{sizes.get('filesystem', 'the work directory')}. Each store also holds {runs} "
+        f"owner(s) of {sizes['per_owner']:,} jobs to erase, one per run, and they are "
+        "erased before gc runs.",
+        "",
+        "*Erasure by owner*: `DELETE /owners/<owner>/jobs` with a key of scope delete, sent "
+        "straight to the API (gunicorn, 1 process), which lays the tombstones, removes the "
+        "files, syncs, and has RabbitMQ confirm a `job.deleted` per job before it answers; "
+        "timed from the request to the answer. The stores are erased from in turn, the "
+        "order swapped each round, after one untimed warm-up erasure of 10 jobs each. "
+        "*job.deleted* counts the events that a queue of the bench's own, bound to "
+        "imgworker.events, received for that owner. *stored* is the jobs on the storage "
+        "when each run began.",
+        "",
+        "| store | stored at each run | owner's jobs erased per run | seconds, median (min–max) "
+        "| jobs/s, median (min–max) | vs the smaller store, medians "
+        "| seconds vs the smaller store's in the same round, median (min–max) "
+        "| job.deleted / erased |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    erase = found["erase"]
+
+    def seconds(name):
+        return statistics.median(r.seconds for r in erase[name])
+    for name in (small, big):
+        if name not in erase:
+            continue
+        rows = erase[name]
+        label = name + (" (baseline)" if name == small else "")
+        lines.append(
+            f"| {label} | {', '.join(f'{r.stored:,}' for r in rows)} "
+            f"| {', '.join(f'{r.erased:,}' for r in rows)} "
+            f"| {_spread([r.seconds for r in rows], '.2f')} "
+            f"| {_spread([r.erased / r.seconds for r in rows], '.0f')} "
+            f"| {_ratio(seconds(name), seconds(small))} "
+            f"| {_paired([r.seconds for r in rows], [r.seconds for r in erase[small]])} "
+            f"| {sum(r.events for r in rows):,} / {sum(r.erased for r in rows):,} |")
+    if big in erase and small in erase:
+        lines += ["", f"An owner's erasure among {big} took {_ratio(seconds(big), seconds(small))} "
+                      f"the time it took among {small} (medians of {runs} run(s) each)."]
+    lines += [
+        "",
+        "*gc*: `retention.collect` (what `imgworker gc` runs) in the bench's process, at a "
+        "time the bench gives it, over the same stores once the owners above are erased, "
+        "with the shipped [retention] periods (originals and failed jobs 30 days, "
+        "renditions forever). Each store's gc.json says gc last ran at the bench's start; "
+        "1% of its jobs ended in each of the next days past the period. Each round runs gc "
+        "again at the time of the last run (nothing expired since it), then a day later "
+        "(1% of the store expired since: their originals are removed, and the failed ones "
+        "among them are erased, with a `job.deleted` each). *read* is ended index entries "
+        "read, once for each period (twice a job).",
+        "",
+        "| store and what expired | stored | read | originals removed | failed jobs erased "
+        "| seconds, median (min–max) | ms per expired job, median | job.deleted / erased |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for name, rows in found["gc"].items():
+        middle = sorted(rows, key=lambda r: r.seconds)[len(rows) // 2]
+        expired = re.search(r"\(([\d,]+)\) expired", name)
+        per_job = (f"{1000 * middle.seconds / int(expired.group(1).replace(',', '')):.2f}"
+                   if expired else "–")
+        lines.append(
+            f"| {name} | {middle.stored:,} | {middle.read:,} | {middle.originals:,} "
+            f"| {middle.erased:,} | {_spread([r.seconds for r in rows], '.3f')} | {per_job} "
+            f"| {sum(r.events for r in rows):,} / {sum(r.erased for r in rows):,} |")
+    ingested, drained = found["ingest"], found["drain"]
+    baseline = erasure_bench.TREES[erasure_bench.BEFORE]
+    base_rates = [r.result.accepted_per_second for r in ingested.get(baseline, [])]
+    base_rate = statistics.median(base_rates) if base_rates else 0
+    base_drain = statistics.median(drained[baseline]) if baseline in drained else 0
+    groups = list(next(iter(ingested.values()))[0].cpu_ms) if ingested else []
+    lines += [
+        "",
+        "*Ingest and drain with the tombstone checks on*: the tree as it is (auth off) "
+        f"against imgworker {erasure_bench.BEFORE[:7]} (release 0.1.0, the release before: "
+        "the baseline) and against "
+        f"{erasure_bench.JUST_BEFORE[:7]}, the commit just before the first erasure commit "
+        "(issue 23's auth_request is in it, turned off as here: what lies between it and "
+        "now is issue 24's erasure and retention, i.e. the tombstone check under the job's "
+        "lock on every write of a job, the ended index entry and its directory sync when a "
+        "job ends, the renderer staging under the job's lock; but also issue 22's WebP and "
+        "GIF walks, issue 25's metrics, 0.2.0's nginx site and the OFD job locks), each "
+        "exported from git and run with its own nginx site and its shipped [api] workers. "
+        "Ingest: 495 KB raw-body uploads through nginx, bench/load.py at 32 connections for "
+        "5 s (as section 7), with the CPU each process group spent per accepted upload "
+        "(as section 7). Drain: 300 queued 2 MP jobs (the same 495 KB upload), 2 workers "
+        "(section 3's drain, from the first job's start to the last one's finish). The "
+        "trees interleaved, "
+        + ("one run each." if sizes["smoke"] else "3 rounds after an ingest warm-up round; "
+           "as this shared machine's speed drifts between rounds, each tree is also put "
+           "against 0.1.0's run of the same round."),
+        "",
+        "| imgworker | accepted/s, median (min–max) | vs 0.1.0, medians "
+        "| vs 0.1.0 in the same round, median (min–max) | p99 ms | refused "
+        "| queued / accepted | " + " | ".join(f"CPU ms per upload: {g}" for g in groups)
+        + " | drain jobs/s, 2 workers, median (min–max) | vs 0.1.0, medians "
+        "| vs 0.1.0 in the same round, median (min–max) |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(groups) + "---|---|---|",
+    ]
+    for design, rows in ingested.items():
+        rates = [r.result.accepted_per_second for r in rows]
+        middle = sorted(rows, key=lambda r: r.result.accepted_per_second)[len(rows) // 2].result
+        drains = drained.get(design, [])
+        lines.append(
+            f"| {design} | {_spread(rates, '.0f')} | {_ratio(statistics.median(rates), base_rate)} "
+            f"| {_paired(rates, base_rates)} "
+            f"| {middle.p99_ms:.1f} | {sum(r.result.refused for r in rows)} "
+            f"| {sum(r.result.queued for r in rows)} / {sum(r.result.accepted for r in rows)} | "
+            + " | ".join(f"{statistics.median(r.cpu_ms[g] for r in rows):.2f}" for g in groups)
+            + (f" | {_spread(drains, '.1f')} | {_ratio(statistics.median(drains), base_drain)} "
+               f"| {_paired(drains, drained.get(baseline, []))} |"
+               if drains else " | – | – | – |"))
     return lines
 
 
@@ -415,7 +556,7 @@ def write(results, out):
     for key, section in (("engine", _engine_section), ("ingest", _ingest_section),
                          ("drain", _endtoend_section), ("memory", _memory_section),
                          ("queues", _queues_section), ("fuzz", _fuzz_section),
-                         ("auth", _auth_section)):
+                         ("auth", _auth_section), ("erasure", _erasure_section)):
         if key in results:
             lines += [""] + section(results)
     charted = "drain" in results or "latency" in results
