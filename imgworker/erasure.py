@@ -143,9 +143,13 @@ class Eraser:
                 self._announce(tombstone)
                 # The owner was kept for the event alone: once it is out,
                 # the tombstone says nothing of whose the job was.
-                tombstone = {**tombstone, "announced": True, "owner": None}
-                self.storage.update_tombstone(tombstone)
+                self.storage.update_tombstone({**tombstone, "announced": True, "owner": None})
                 metrics.count_erased(tombstone.get("reason", "request"))
+        # The blanked tombstones durable before the marks go that would have
+        # the sweep finish them again (a crash before it: the sweep sends
+        # job.deleted once more, which at-least-once allows).
+        self.storage.sync()
+        for tombstone in tombstones:
             self.storage.finish_erasing(tombstone["id"])
             JobLog(logger, tombstone["id"]).info(
                 "erased (%s): its original, record and renditions are gone.",
