@@ -35,7 +35,8 @@ DASHBOARD = os.path.join(REPO, "monitoring", "grafana", "imgworker.json")
 
 ALERTS = {"ImgworkerBrokerDown", "ImgworkerNoConsumers", "ImgworkerBacklogWillNotDrain",
           "ImgworkerDeadLettersGrowing", "ImgworkerWebhookDeadLettered",
-          "ImgworkerWorkerRestarting", "ImgworkerUpload5xx", "ImgworkerStorageNearlyFull"}
+          "ImgworkerWorkerRestarting", "ImgworkerWorkerGone", "ImgworkerUpload5xx",
+          "ImgworkerStorageNearlyFull"}
 
 PANELS = {"Uploads by status", "Upload latency", "Jobs by outcome", "Render time",
           "Queue depth and consumers", "Dead letters", "Webhook deliveries", "Broker up",
