@@ -1,0 +1,258 @@
+"""The soak's sampler: every imgworker process by kind, beam.smp, the queue,
+the metrics directory, the storage, latency and Prometheus's alerts, at one
+moment. Reads /proc and files only, plus one passive queue declaration and
+one GET of Prometheus's alerts: it costs the system under test little.
+
+Process kinds:
+
+- "API master": the gunicorn arbiter (the API service's process);
+- "API worker": its children;
+- "worker": each worker service's process;
+- "renderer": a worker's rendering child (its command line says
+  spawn_main); a renderer killed is replaced, and the new pid is a new
+  series;
+- "worker helper": any other child of a worker (multiprocessing's
+  resource tracker, if one runs);
+- "webhook sender";
+- "beam.smp": RabbitMQ's Erlang VM.
+"""
+
+import glob
+import json
+import os
+import time
+
+from harness.pipeline import children
+
+KINDS = ("API master", "API worker", "worker", "renderer", "worker helper", "webhook sender",
+         "beam.smp")
+
+
+def proc(pid):
+    """(RSS bytes, open fds, of which sockets, threads) of ``pid``, or None
+    once it is gone."""
+    try:
+        with open(f"/proc/{pid}/status") as handle:
+            status = dict(line.split(":", 1) for line in handle if ":" in line)
+        fds = os.listdir(f"/proc/{pid}/fd")
+        sockets = 0
+        for fd in fds:
+            try:
+                sockets += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+            except OSError:
+                pass
+        return int(status["VmRSS"].split()[0]) * 1024, len(fds), sockets, int(status["Threads"])
+    except (OSError, KeyError, ValueError):
+        return None
+
+
+def rabbitmq_pids():
+    """The broker's Erlang VM: the node rabbitmqctl answers for (the one the
+    soak uses; a cluster test may run others on this machine), else every
+    RabbitMQ node's."""
+    import subprocess
+    try:
+        answer = subprocess.run(["rabbitmqctl", "-q", "eval", "os:getpid()."],
+                                capture_output=True, text=True, timeout=60).stdout
+        pid = int(answer.strip().strip('"'))
+        if os.path.exists(f"/proc/{pid}"):
+            return [pid]
+    except (OSError, ValueError, subprocess.SubprocessError):
+        pass
+    found = []
+    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
+        try:
+            with open(cmdline, "rb") as handle:
+                words = handle.read().split(b"\0")
+        except OSError:
+            continue
+        if words[0].endswith(b"/beam.smp") and b"rabbit" in words and b"boot" in words:
+            found.append(int(cmdline.split("/")[2]))
+    return found
+
+
+def percentile(values, p):
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, int(len(values) * p / 100))]
+
+
+def tree_size(root):
+    """(bytes, files and directories) below ``root``, by du (in C, and off
+    this process's GIL: the renderer killer's thread shares it)."""
+    import subprocess
+    found = []
+    for option in ("--bytes", "--inodes"):
+        try:
+            answer = subprocess.run(["du", "-s", option, root], capture_output=True, text=True,
+                                    timeout=120).stdout
+            found.append(int(answer.split()[0]))
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            found.append(None)
+    return tuple(found)
+
+
+class _Tail:
+    """New complete lines of a growing file."""
+
+    def __init__(self, path):
+        self.path, self.position = path, 0
+
+    def lines(self):
+        if not os.path.exists(self.path):
+            return []
+        found = []
+        with open(self.path, "rb") as handle:
+            handle.seek(self.position)
+            for line in handle:
+                if not line.endswith(b"\n"):
+                    break
+                self.position += len(line)
+                found.append(line.decode())
+        return found
+
+
+_HZ = os.sysconf("SC_CLK_TCK")
+
+
+def _ticks(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            fields = handle.read().rsplit(")", 1)[1].split()
+        return int(fields[11]) + int(fields[12])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def _descendants(pid):
+    found, pending = [], [pid]
+    while pending:
+        pid = pending.pop()
+        found.append(pid)
+        pending += children(pid)
+    return found
+
+
+def _machine_busy():
+    with open("/proc/stat") as handle:
+        values = [int(v) for v in handle.readline().split()[1:]]
+    return sum(values) - values[3] - values[4]      # less idle and iowait
+
+
+class Sampler:
+    def __init__(self, soak):
+        self.soak = soak
+        self.samples = []
+        self._cpu_at = None         # (time, machine busy ticks, {pid: ticks})
+        self.rabbit = rabbitmq_pids()
+        self._uploads = _Tail(os.path.join(soak.load_dir, "uploads.jsonl"))
+        self._events = _Tail(soak.receiver_log)
+        self.uploaded = {}        # job id -> (t0, phase, input)
+        self.done = {}            # job id -> seconds from upload to its job.done
+        self.done_at = {}         # job id -> when its job.done came
+        self._seen = {}           # job id -> {event: count}
+
+    def processes(self):
+        soak = self.soak
+        found = [("API master", soak.api.process.pid)]
+        found += [("API worker", pid) for pid in children(soak.api.process.pid)]
+        for worker in soak.workers.values():
+            if worker.process.poll() is not None:
+                continue
+            found.append(("worker", worker.process.pid))
+            for child in children(worker.process.pid):
+                try:
+                    with open(f"/proc/{child}/cmdline", "rb") as handle:
+                        spawned = b"spawn_main" in handle.read()
+                except OSError:
+                    continue
+                found.append(("renderer" if spawned else "worker helper", child))
+        found.append(("webhook sender", soak.webhook.process.pid))
+        found += [("beam.smp", pid) for pid in self.rabbit]
+        return found
+
+    def _read_events(self):
+        for line in self._uploads.lines():
+            entry = json.loads(line)
+            if entry["id"]:
+                self.uploaded[entry["id"]] = (entry["t0"], entry["phase"], entry["input"])
+        new = []
+        for line in self._events.lines():
+            received, event, job_id, _state = line.split()
+            self._seen.setdefault(job_id, {})
+            self._seen[job_id][event] = self._seen[job_id].get(event, 0) + 1
+            if event == "job.done" and job_id in self.uploaded and job_id not in self.done:
+                self.done[job_id] = float(received) - self.uploaded[job_id][0]
+                self.done_at[job_id] = float(received)
+                new.append(self.done[job_id])
+        return new
+
+    def events(self):
+        self._read_events()
+        return self._seen
+
+    def events_missing(self, ids):
+        """Whether some job in ``ids`` that ended has no event yet."""
+        self._read_events()
+        from imgworker import job as jobs
+        for job_id in ids:
+            job = jobs.read(self.soak.pipeline.root, job_id)
+            if job is not None and job.state.finished and \
+                    f"job.{job.state.value}" not in self._seen.get(job_id, {}):
+                return True
+        return False
+
+    def cpu(self):
+        """Cores busy since the last call: the machine's, and the soak's own
+        (this process and every descendant -- the API, workers, renderers,
+        webhook sender, nginx, Prometheus, the load generator, the receiver
+        -- and beam.smp). The rest is other work on the machine."""
+        now, busy = time.time(), _machine_busy()
+        pids = _descendants(os.getpid()) + self.rabbit
+        ticks = {pid: value for pid, value in ((pid, _ticks(pid)) for pid in pids)
+                 if value is not None}
+        found = None
+        if self._cpu_at is not None:
+            then, busy_then, ticks_then = self._cpu_at
+            ours = sum(value - ticks_then.get(pid, 0) for pid, value in ticks.items()
+                       if value >= ticks_then.get(pid, 0))
+            span = (now - then) * _HZ
+            if span > 0:
+                found = {"machine": (busy - busy_then) / span, "ours": ours / span}
+        self._cpu_at = (now, busy, ticks)
+        return found
+
+    def sample(self, phase):
+        soak = self.soak
+        now = time.time()
+        procs = []
+        for kind, pid in self.processes():
+            measured = proc(pid)
+            if measured is not None:
+                rss, fds, sockets, threads = measured
+                procs.append({"kind": kind, "pid": pid, "rss": rss, "fds": fds,
+                              "sockets": sockets, "threads": threads})
+        latencies = self._read_events()
+        try:
+            metrics_files = len(os.listdir(soak.pipeline.metrics_dir))
+        except OSError:
+            metrics_files = None
+        storage_bytes, storage_files = tree_size(soak.pipeline.root)
+        log_bytes = 0
+        for service in soak.pipeline.services:
+            try:
+                log_bytes += os.path.getsize(service.log_path)
+            except OSError:
+                pass
+        sample = {
+            "t": now, "phase": phase, "procs": procs, "queue": soak.queue_depth(),
+            "metrics_files": metrics_files, "storage_bytes": storage_bytes,
+            "storage_files": storage_files, "log_bytes": log_bytes,
+            "latency": {"n": len(latencies), "p50": percentile(latencies, 50),
+                        "p99": percentile(latencies, 99)},
+            "alerts": soak.prometheus.alerts(), "cpu": self.cpu(),
+            "cost": time.time() - now,
+        }
+        self.samples.append(sample)
+        return sample
