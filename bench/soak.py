@@ -438,17 +438,8 @@ class Soak:
     def wait_idle(self, ids, timeout):
         """Until every job in ``ids`` has ended (or was erased) and the
         queue is empty."""
-        root = self.pipeline.root
-
         def ended():
-            for job_id in ids:
-                job = jobs.read(root, job_id)
-                if job is None:
-                    if not os.path.exists(os.path.join(root, "tombstones", job_id)):
-                        return False
-                elif not job.state.finished:
-                    return False
-            return self.queue_depth() == 0
+            return self._all_ended(ids) and self.queue_depth() == 0
         try:
             wait_until(ended, "the jobs to end", timeout=timeout, interval=1)
             return True

@@ -17,7 +17,6 @@ Process kinds:
 - "beam.smp": RabbitMQ's Erlang VM.
 """
 
-import glob
 import json
 import os
 import time
@@ -59,16 +58,8 @@ def rabbitmq_pids():
             return [pid]
     except (OSError, ValueError, subprocess.SubprocessError):
         pass
-    found = []
-    for cmdline in glob.glob("/proc/[0-9]*/cmdline"):
-        try:
-            with open(cmdline, "rb") as handle:
-                words = handle.read().split(b"\0")
-        except OSError:
-            continue
-        if words[0].endswith(b"/beam.smp") and b"rabbit" in words and b"boot" in words:
-            found.append(int(cmdline.split("/")[2]))
-    return found
+    from .auth import _rabbitmq_pids
+    return _rabbitmq_pids()
 
 
 def percentile(values, p):
