@@ -153,17 +153,18 @@ def layout(total, per_owner, runs, batches, now, period):
 
 
 @contextlib.contextmanager
-def filesystem(workdir, log=print):
-    """A directory on an ext4 filesystem of its own (a loop device, an
-    image file below ``workdir``), as storage.py advises for the storage
-    root (syncfs then writes back imgworker's files alone, not what the
-    other processes of this shared machine wrote); yields (path, what it
-    is). Without the rights for a loop mount: a directory of ``workdir``."""
+def filesystem(workdir, log=print, size=16 << 30):
+    """A directory on an ext4 filesystem of its own (a loop device, a
+    sparse image file of ``size`` bytes below ``workdir``), as storage.py
+    advises for the storage root (syncfs then writes back imgworker's files
+    alone, not what the other processes of this shared machine wrote);
+    yields (path, what it is). Without the rights for a loop mount: a
+    directory of ``workdir``."""
     image, mount = os.path.join(workdir, "stores.img"), os.path.join(workdir, "stores")
     os.makedirs(mount)
     try:
         with open(image, "wb") as handle:
-            handle.truncate(16 << 30)                # sparse
+            handle.truncate(size)                    # sparse
         # an inode per 4 KiB: a job is 8 of them, most 4 KiB or less
         subprocess.run(["mkfs.ext4", "-q", "-F", "-i", "4096", image], check=True,
                        capture_output=True)

@@ -58,6 +58,7 @@ from imgworker import config as imgworker_config
 from imgworker import job as jobs
 
 from . import inputs as bench_inputs
+from .erasure import filesystem
 from . import soak_report, soak_sample
 
 RULES = os.path.join(REPO, "monitoring", "prometheus", "imgworker-alerts.yml")
@@ -355,8 +356,11 @@ class RendererKiller(threading.Thread):
 # -- the run ------------------------------------------------------------------------
 
 class Soak:
-    def __init__(self, workdir, plan, log):
+    def __init__(self, workdir, plan, log, stores=None):
+        """``stores``: (directory, what it is) for the storage root, or None
+        for one below ``workdir``."""
         self.workdir, self.plan, self.log = workdir, plan, log
+        self.stores = stores
         self.load_dir = os.path.join(workdir, "load")
         os.makedirs(self.load_dir)
         self.marks = {}             # name -> unix time
@@ -369,6 +373,7 @@ class Soak:
     # -- setup ----------------------------------------------------------------------
     def setup(self, amqp_url):
         log = self.log
+        self.storage_size = soak_sample.StorageSize(self.stores[0] if self.stores else None)
         self.vhost = Vhost(amqp_url, log)
         self.receiver_log = os.path.join(self.load_dir, "webhooks.log")
         port_file = os.path.join(self.load_dir, "receiver.port")
@@ -383,7 +388,9 @@ class Soak:
             self.vhost.url, os.path.join(self.workdir, "pipeline"),
             api={"workers": str(self.api_workers)},
             auth={"required": "true"},
-            webhook={"url": receiver_url, "secret": WEBHOOK_SECRET, "retry_delay": "1"})
+            webhook={"url": receiver_url, "secret": WEBHOOK_SECRET, "retry_delay": "1"},
+            **({"storage": {"root": os.path.join(self.stores[0], "storage")}}
+               if self.stores else {}))
         self.key = self.pipeline.add_key("soak", "upload,grant,delete")
         self.ledger = Ledger("soak", self.pipeline.base_url, self.pipeline.root,
                              [r.name for r in self.pipeline.renditions])
@@ -397,6 +404,8 @@ class Soak:
         self.max_attempts = imgworker_config.load(self.pipeline.config_path).worker.max_attempts
         log(f"  nginx {self.nginx.base_url} (shipped rate limits), API {self.pipeline.base_url} "
             f"({self.api_workers} processes), 2 workers, webhook sender, broker: {self.vhost.note}")
+        if self.stores:
+            log(f"  storage: {self.stores[1]}")
 
     # -- load -----------------------------------------------------------------------
     def start_load(self, phases, exclude=(), start=None, wait=False):
@@ -653,6 +662,17 @@ class Soak:
             self.vhost.delete()
 
 
+def _stores_size(workdir, smoke):
+    """The storage's own filesystem: 2 GiB for the smoke; for the soak 70%
+    of the disk's free space (an hour writes some 35 GB, and the image is
+    sparse, on the same disk), so that the storage alert has no reason to
+    fire and the disk under the image cannot fill first."""
+    if smoke:
+        return 2 << 30
+    disk = os.statvfs(workdir)
+    return int(disk.f_bavail * disk.f_frsize * 0.7) // 4096 * 4096
+
+
 def run(minutes=60, smoke=False, out=None, log=print):
     """The soak: writes OUT/results.md and OUT/chart.png; returns the
     results (a dict)."""
@@ -663,8 +683,9 @@ def run(minutes=60, smoke=False, out=None, log=print):
         f"{plan.step / 60:.1f} min step; warm-up {plan.warmup / 60:.1f} min, windows "
         f"{plan.window / 60:.1f} min, a sample every {plan.interval:.0f} s")
     started = time.time()
-    with tempfile.TemporaryDirectory(prefix="imgworker-soak-", dir="/var/tmp") as workdir:
-        soak = Soak(workdir, plan, log)
+    with tempfile.TemporaryDirectory(prefix="imgworker-soak-", dir="/var/tmp") as workdir, \
+            filesystem(workdir, log, size=_stores_size(workdir, smoke)) as stores:
+        soak = Soak(workdir, plan, log, stores)
         try:
             soak.setup(AMQP_URL)
             soak.calibrate()
