@@ -92,6 +92,19 @@ def _files(p):
     return p["fds"] - _sockets(p)
 
 
+def _gc_line(runs):
+    """One line on the soak's ``imgworker gc`` runs: (start, seconds,
+    originals removed, index entries read, exit code) each."""
+    if not runs:
+        return "- imgworker gc: no run"
+    seconds = [r[1] for r in runs]
+    removed = sum(r[2] or 0 for r in runs)
+    failed = sum(1 for r in runs if r[4] != 0 or r[2] is None)
+    return (f"- imgworker gc: {len(runs)} runs, {removed} originals removed, "
+            f"{statistics.fmean(seconds):.2f} s a run (max {max(seconds):.2f} s, "
+            f"{max(r[3] or 0 for r in runs)} index entries read at most), {failed} failed")
+
+
 def analyse(soak, plan):
     marks = soak.marks
     samples = soak.sampler.samples
@@ -296,7 +309,8 @@ def analyse(soak, plan):
         "verdicts": verdicts, "timing": timing, "samples": samples,
         "sample_cost": [s["cost"] for s in samples], "loadavg_end": os.getloadavg(),
         "warnings": log_warnings(soak.pipeline), "log_bytes": ends("log_bytes"),
-        "cpu": machine_cpu, "step": step,
+        "cpu": machine_cpu, "step": step, "gc_runs": soak.retention.runs,
+        "storage_note": soak.stores[1] if soak.stores else "a directory of the run's own",
     }
 
 
@@ -365,7 +379,13 @@ def write(results, out):
               "`[auth] required = true`, one key of scopes upload, grant and delete. "
               "RabbitMQ: " + results["broker"] + ". "
               f"{results['prometheus']} scrapes the API's /metrics every 5 s and evaluates "
-              "monitoring/prometheus/imgworker-alerts.yml, unmodified, every 5 s.", "",
+              "monitoring/prometheus/imgworker-alerts.yml, unmodified, every 5 s. "
+              f"The storage: {results['storage_note']}, its size read by statvfs. "
+              f"`[retention] originals = {plan.originals_kept}`, with `imgworker gc` every "
+              f"{plan.gc_every:.0f} s (imgworker-gc.timer runs it hourly): at this rate the "
+              "originals alone would fill the disk within the hour, as they would a "
+              "production machine's without its retention; renditions and records are kept.",
+              "",
               f"80% phase {plan.main / 60:.4g} min: warm-up {plan.warmup / 60:.4g} min, "
               f"first window {_clock(results['first'][0], marks)} to "
               f"{_clock(results['first'][1], marks)}, "
@@ -489,8 +509,9 @@ def write(results, out):
                  else "–"),
               f"- metrics directory: {mf[0]} files after the warm-up, {mf[1]} at the step",
               f"- storage: {_mb(st[0])} MB in {sf[0]} files and directories after the warm-up, "
-              f"{_mb(st[1])} MB in {sf[1]} at the step (originals are kept 30 days: it grows "
-              "with the uploads by design)",
+              f"{_mb(st[1])} MB in {sf[1]} at the step (renditions and records are kept: it "
+              "grows with the uploads by design)",
+              _gc_line(results["gc_runs"]),
               f"- the services' logs: {_mb(results['log_bytes'][0])} MB after the warm-up, "
               f"{_mb(results['log_bytes'][1])} MB at the step (a line or two per job: under "
               "systemd, journald keeps them within its limits)",

@@ -76,6 +76,12 @@ def test_the_soak_smoke_runs_samples_every_process_kind_and_writes_its_results(a
            "job.deleted | yes |" in results, results
     assert re.search(r"^- webhooks: jobs that ended without their event delivered: 0;", results,
                      re.M), results
+    # the retention ran beside the load, removed originals and lost nothing
+    # (the ledger above read every done job's renditions)
+    gc = re.search(r"^- imgworker gc: (\d+) runs, (\d+) originals removed, .* (\d+) failed$",
+                   results, re.M)
+    assert gc and int(gc.group(1)) >= 2 and int(gc.group(2)) > 0 and gc.group(3) == "0", results
+
     # timing verdicts are shown, never asserted, in a smoke run
     assert results.count("| not judged (smoke) |") == 5, results
 
