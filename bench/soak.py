@@ -509,9 +509,9 @@ class Soak:
         # the queue filled, then uploads through nginx at 1.3 x the guess; a
         # window in which the queue ran empty measured the uploads, not the
         # workers: again, faster, from what it did measure (at most 3 tries)
-        for attempt in range(3):
+        for tries in range(1, 4):
             capacity, ended, window, depths = self._calibration_window(guess)
-            if min(depths, default=None) != 0:
+            if min(depths, default=None) != 0 or tries == 3:
                 break
             log(f"  the queue ran empty at {1.3 * guess:.2f} uploads/s ({capacity:.2f} jobs/s "
                 f"ended): again at {1.69 * max(guess, capacity):.2f}")
@@ -521,7 +521,7 @@ class Soak:
         self.calibration = {
             "guess": first_guess, "probe_jobs": len(probe),
             "prefill": max(10, int(guess * plan.prefill_seconds)),
-            "upload_rate": rate, "window": window, "ended": ended, "tries": attempt + 1,
+            "upload_rate": rate, "window": window, "ended": ended, "tries": tries,
             "capacity": capacity, "min_depth": min((d for d in depths if d is not None),
                                                    default=None),
             "accepted_share": accepted_share,
