@@ -310,7 +310,9 @@ def analyse(soak, plan):
         "sample_cost": [s["cost"] for s in samples], "loadavg_end": os.getloadavg(),
         "warnings": log_warnings(soak.pipeline), "log_bytes": ends("log_bytes"),
         "cpu": machine_cpu, "step": step, "gc_runs": soak.retention.runs,
-        "storage_note": soak.stores[1] if soak.stores else "a directory of the run's own",
+        "storage_note": (soak.stores[1] if soak.stores else "a directory of the run's own")
+        + (", its size read by statvfs" if soak.storage_size.empty is not None
+           else ", its size read by du"),
     }
 
 
@@ -380,7 +382,7 @@ def write(results, out):
               "RabbitMQ: " + results["broker"] + ". "
               f"{results['prometheus']} scrapes the API's /metrics every 5 s and evaluates "
               "monitoring/prometheus/imgworker-alerts.yml, unmodified, every 5 s. "
-              f"The storage: {results['storage_note']}, its size read by statvfs. "
+              f"The storage: {results['storage_note']}. "
               f"`[retention] originals = {plan.originals_kept}`, with `imgworker gc` every "
               f"{plan.gc_every:.0f} s (imgworker-gc.timer runs it hourly): at this rate the "
               "originals alone would fill the disk within the hour, as they would a "
