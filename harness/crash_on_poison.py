@@ -45,8 +45,11 @@ def main():
     print("watching", originals, flush=True)
     while kills < args.max_kills:
         for name in set(os.listdir(originals)) - seen:
-            if name.startswith(".tmp-"):
-                continue            # an upload being written; read it once it is renamed
+            if name.startswith(".tmp-") or jobs.read(ROOT, name) is None:
+                # The API writes an original under its own name and only then
+                # puts the job's record in place: until the record is there
+                # the original may still be half written, so look again later.
+                continue
             seen.add(name)
             try:
                 with open(os.path.join(originals, name), "rb") as original:
