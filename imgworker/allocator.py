@@ -11,8 +11,16 @@ buffers in the heap for the next request. What stays mapped is bounded by
 the trim threshold per arena. The effect is measured by the bench, not
 asserted here.
 
-An environment that sets MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_
-(glibc reads them at start) has said what it wants, and is left alone.
+glibc also gives each new thread an arena of its own, up to eight per core.
+The API's pool threads each handle uploads, so each would keep a heap of
+bodies: the soak's hour (bench/results/soak, 2026-12-02) saw an API process
+grow 4 MB with each pool thread it started. Its threads spend their time
+waiting on the disk and the broker, not in malloc, so two arenas serve them
+all and bound what stays mapped to twice the trim threshold.
+
+An environment that sets MALLOC_MMAP_THRESHOLD_, MALLOC_TRIM_THRESHOLD_ or
+MALLOC_ARENA_MAX (glibc reads them at start) has said what it wants, and is
+left alone.
 """
 
 import ctypes
@@ -24,6 +32,7 @@ logger = logging.getLogger(__name__)
 #: mallopt()'s parameter numbers (malloc.h).
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_M_ARENA_MAX = -8
 
 #: role -> (mmap threshold, trim threshold), in bytes.
 THRESHOLDS = {
@@ -33,19 +42,34 @@ THRESHOLDS = {
     "render": (64 * 1024 * 1024, 256 * 1024 * 1024),
 }
 
-_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")
+#: role -> most arenas, for a role with threads; None: glibc's default.
+ARENAS = {
+    "api": 2,
+    "render": None,     # one thread
+}
+
+_ENVIRONMENT = ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX")
+
+
+def _settings(role):
+    """[(mallopt parameter, environment variable, value)] of a role."""
+    mmap_threshold, trim_threshold = THRESHOLDS[role]
+    settings = [(_M_MMAP_THRESHOLD, "MALLOC_MMAP_THRESHOLD_", mmap_threshold),
+                (_M_TRIM_THRESHOLD, "MALLOC_TRIM_THRESHOLD_", trim_threshold)]
+    if ARENAS[role] is not None:
+        settings.append((_M_ARENA_MAX, "MALLOC_ARENA_MAX", ARENAS[role]))
+    return settings
 
 
 def environment(role):
-    """The same thresholds as the environment variables glibc reads at
+    """The same settings as the environment variables glibc reads at
     start, for a process started with them (the bench's baselines)."""
-    mmap_threshold, trim_threshold = THRESHOLDS[role]
-    return dict(zip(_ENVIRONMENT, (str(mmap_threshold), str(trim_threshold))))
+    return {name: str(value) for _, name, value in _settings(role)}
 
 
 def tune(role):
-    """Set the role's thresholds in this process; before its first large
-    allocation, as it applies to blocks allocated from then on. False if
+    """Set the role's settings in this process; before its first large
+    allocation and its first thread, as they apply from then on. False if
     the environment decides or this libc has no mallopt (not glibc)."""
     if any(name in os.environ for name in _ENVIRONMENT):
         return False
@@ -53,9 +77,8 @@ def tune(role):
         mallopt = ctypes.CDLL(None).mallopt
     except (OSError, AttributeError):
         return False
-    mmap_threshold, trim_threshold = THRESHOLDS[role]
-    if not (mallopt(_M_MMAP_THRESHOLD, mmap_threshold) and mallopt(_M_TRIM_THRESHOLD, trim_threshold)):
-        logger.warning("glibc refused the malloc thresholds of the %s role; running with its "
+    if not all(mallopt(parameter, value) for parameter, _, value in _settings(role)):
+        logger.warning("glibc refused the malloc settings of the %s role; running with its "
                        "defaults.", role)
         return False
     return True

@@ -57,3 +57,61 @@ def test_the_environment_form_says_the_same_thresholds():
     mmap_threshold, trim_threshold = allocator.THRESHOLDS["render"]
     assert allocator.environment("render") == {"MALLOC_MMAP_THRESHOLD_": str(mmap_threshold),
                                                "MALLOC_TRIM_THRESHOLD_": str(trim_threshold)}
+    assert allocator.environment("api")["MALLOC_ARENA_MAX"] == str(allocator.ARENAS["api"])
+
+
+#: Runs in a fresh process: tune (or not), then start eight threads, each
+#: reading bodies the way the API does (api._read_from_socket: a bytearray
+#: grown 64 KiB at a time) and then staying alive, as a pool thread does.
+#: Prints the RSS growth from the first thread's to the last's, in bytes.
+_THREADS_PROBE = """
+import sys, threading
+from imgworker import allocator
+if sys.argv[1] == "tune":
+    allocator.tune("api")
+
+def rss():
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+
+def pool_thread():
+    for size in (3_600_000, 500_000, 3_200_000, 1_800_000, 350_000):
+        body = bytearray()
+        while len(body) < size:
+            body += b"x" * 65536
+        del body
+    served.release()
+    parked.wait()
+
+served, parked, after = threading.Semaphore(0), threading.Event(), []
+for _ in range(8):
+    threading.Thread(target=pool_thread, daemon=True).start()
+    served.acquire()
+    after.append(rss())
+print(after[-1] - after[0])
+"""
+
+
+@pytest.mark.skipif(not os.path.exists("/proc/self/status"), reason="needs Linux's /proc")
+def test_the_api_roles_threads_share_what_they_keep():
+    """Eight pool threads that each served uploads keep little more than
+    the first did (a second arena); with the thresholds alone, each thread
+    keeps a heap of bodies of its own."""
+    env = {name: value for name, value in os.environ.items() if not name.startswith("MALLOC_")}
+
+    def growth(argument, extra=()):
+        result = subprocess.run([sys.executable, "-c", _THREADS_PROBE, argument], cwd=REPO,
+                                env={**env, **dict(extra)}, capture_output=True, text=True,
+                                check=True)
+        return int(result.stdout)
+
+    thresholds_only = growth("plain", {name: value for name, value in
+                                       allocator.environment("api").items()
+                                       if name != "MALLOC_ARENA_MAX"}.items())
+    assert thresholds_only > 7 * 1_400_000          # the fault this guards against
+    assert growth("tune") < thresholds_only / 3     # here: 2.6 MB against 14 MB
+
+
+def test_an_environment_that_sets_the_arenas_decides():
+    assert _probe("tune", {"MALLOC_ARENA_MAX": "4"}) == ["False", "True"]
