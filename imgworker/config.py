@@ -239,7 +239,9 @@ SCHEMA = {
         "threads": Option("8", _positive_int,
                           "Uploads each API process handles at once. The uploads stored "
                           "at once share one sync of the storage, and their messages "
-                          "one wait for the broker's confirms, instead of queueing."),
+                          "one wait for the broker's confirms, instead of queueing. "
+                          "Each process starts all its threads before its first upload, "
+                          "so its threads and memory are the same from its start."),
         "max_body_memory": Option("100", _positive_int,
                                   "Mebibytes of upload bodies one API process holds at once. "
                                   "An upload that would go past it is answered 503 with "
