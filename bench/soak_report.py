@@ -134,6 +134,12 @@ def analyse(soak, plan):
                                 ("threads", lambda p: p["threads"])):
                 row[name] = _count([value(p) for p in in_first], [value(p) for p in in_last])
             row["rss_growth"] = row["rss"][1] / row["rss"][0] - 1
+            # which sockets: where the count grows, the kind that grew says why
+            seen_kinds = sorted({k for p in in_first + in_last for k in p.get("socket_kinds", {})})
+            row["socket_kinds"] = {
+                k: _count([p.get("socket_kinds", {}).get(k, 0) for p in in_first],
+                          [p.get("socket_kinds", {}).get(k, 0) for p in in_last])
+                for k in seen_kinds}
             if kind != "renderer":
                 row["holds"] = (row["rss_growth"] <= GROWTH_LIMIT
                                 and row["files"][1] <= row["files"][0]
@@ -463,6 +469,17 @@ def write(results, out):
                 f"{_mb(p['rss'][1])} | {p['rss_growth']:+.1%} | {p['files'][0]} → "
                 f"{p['files'][1]} | {p['sockets'][0]} → {p['sockets'][1]} | "
                 f"{p['threads'][0]} → {p['threads'][1]} | {_mb(p['peak_rss'])} | {holds} |")
+    grew = [p for p in results["processes"]
+            if "rss" in p and p["sockets"][1] > p["sockets"][0] and p.get("socket_kinds")]
+    if grew:
+        lines += ["", "Sockets by kind, of each process whose sockets grew, counted as above: "
+                  "listening; accepted (connections to its own listening ports: clients', and "
+                  "nginx's keep-alive ones to the API); pair (both ends its own: pika's I/O loop "
+                  "wakes itself through one); to port N (connections it made: 5672 is the "
+                  "broker); unix; other.", ""]
+        for p in grew:
+            lines.append(f"- {p['kind']} {p['pid']}: " + ", ".join(
+                f"{kind} {first} → {last}" for kind, (first, last) in p["socket_kinds"].items()))
     lines += ["", "Each kind as a whole, its processes summed in each sample: RSS by the floor of "
               "the sum, the renderers' by their peak; counts as above, of the sums. A renderer "
               "keeps the heap of the largest image it decoded for the next job "

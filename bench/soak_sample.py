@@ -27,22 +27,89 @@ KINDS = ("API master", "API worker", "worker", "renderer", "worker helper", "web
          "beam.smp")
 
 
-def proc(pid):
-    """(RSS bytes, open fds, of which sockets, threads) of ``pid``, or None
-    once it is gone."""
+def proc(pid, sockets_here=None):
+    """(RSS bytes, open fds, of which sockets, threads, the sockets by kind
+    (socket_kinds)) of ``pid``, or None once it is gone. ``sockets_here``:
+    socket_table() of this moment; without it, the kinds are {}."""
     try:
         with open(f"/proc/{pid}/status") as handle:
             status = dict(line.split(":", 1) for line in handle if ":" in line)
         fds = os.listdir(f"/proc/{pid}/fd")
-        sockets = 0
+        inodes = []
         for fd in fds:
             try:
-                sockets += os.readlink(f"/proc/{pid}/fd/{fd}").startswith("socket:")
+                target = os.readlink(f"/proc/{pid}/fd/{fd}")
             except OSError:
-                pass
-        return int(status["VmRSS"].split()[0]) * 1024, len(fds), sockets, int(status["Threads"])
+                continue
+            if target.startswith("socket:["):
+                inodes.append(int(target[len("socket:["):-1]))
+        kinds = socket_kinds(inodes, sockets_here) if sockets_here is not None else {}
+        return (int(status["VmRSS"].split()[0]) * 1024, len(fds), len(inodes),
+                int(status["Threads"]), kinds)
     except (OSError, KeyError, ValueError):
         return None
+
+
+#: /proc/net/tcp's state of a listening socket.
+_LISTEN = "0A"
+
+
+def socket_table():
+    """{inode: ("tcp", local port, remote port, listening) or ("unix",)}
+    of this network namespace's TCP and Unix sockets, now: one read of
+    /proc/net/{tcp,tcp6,unix} a sample, shared by every process."""
+    table = {}
+    for name in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/net/{name}") as handle:
+                next(handle)
+                for line in handle:
+                    fields = line.split()
+                    inode = int(fields[9])
+                    if inode:
+                        local, remote = (int(f.rsplit(":", 1)[1], 16) for f in fields[1:3])
+                        table[inode] = ("tcp", local, remote, fields[3] == _LISTEN)
+        except (OSError, StopIteration, IndexError, ValueError):
+            pass
+    try:
+        with open("/proc/net/unix") as handle:
+            next(handle)
+            for line in handle:
+                fields = line.split()
+                if len(fields) >= 7:
+                    table[int(fields[6])] = ("unix",)
+    except (OSError, StopIteration, ValueError):
+        pass
+    return table
+
+
+def socket_kinds(inodes, table):
+    """A process's sockets counted by kind: "listening", "accepted" (a
+    connection to one of its own listening ports: a client's, nginx's
+    keep-alive ones among them), "pair" (both ends of a loopback connection
+    are its own: pika's I/O loop wakes itself through one), "to port N" (a
+    connection it made: 5672 is the broker), "unix" and "other" (netlink,
+    UDP, or one gone between the two reads)."""
+    entries = [table.get(inode) for inode in inodes]
+    tcp = [entry for entry in entries if entry and entry[0] == "tcp"]
+    listening = {entry[1] for entry in tcp if entry[3]}
+    ends = {(entry[1], entry[2]) for entry in tcp if not entry[3]}
+    kinds = {}
+    for entry in entries:
+        if entry is None:
+            kind = "other"
+        elif entry[0] == "unix":
+            kind = "unix"
+        elif entry[3]:
+            kind = "listening"
+        elif (entry[2], entry[1]) in ends:
+            kind = "pair"
+        elif entry[1] in listening:
+            kind = "accepted"
+        else:
+            kind = f"to port {entry[2]}"
+        kinds[kind] = kinds.get(kind, 0) + 1
+    return kinds
 
 
 def rabbitmq_pids():
@@ -243,12 +310,14 @@ class Sampler:
         soak = self.soak
         now = time.time()
         procs = []
+        sockets_here = socket_table()
         for kind, pid in self.processes():
-            measured = proc(pid)
+            measured = proc(pid, sockets_here)
             if measured is not None:
-                rss, fds, sockets, threads = measured
+                rss, fds, sockets, threads, by_kind = measured
                 procs.append({"kind": kind, "pid": pid, "rss": rss, "fds": fds,
-                              "sockets": sockets, "threads": threads})
+                              "sockets": sockets, "socket_kinds": by_kind,
+                              "threads": threads})
         latencies = self._read_events()
         try:
             metrics_files = len(os.listdir(soak.pipeline.metrics_dir))

@@ -18,6 +18,7 @@ import re
 import shutil
 import subprocess
 import sys
+import urllib.parse
 
 import pytest
 
@@ -96,6 +97,15 @@ def test_the_soak_smoke_runs_samples_every_process_kind_and_writes_its_results(a
         assert all(p["rss"] > 0 and p["fds"] > 0 and p["threads"] > 0
                    for s in samples for p in s["procs"] if p["kind"] == kind), kind
     assert {s["phase"] for s in samples} >= {"steady", "step", "drain"}
+    # sockets counted by kind, so that a count that grows says which kind did
+    broker_port = f"to port {urllib.parse.urlsplit(amqp_url).port or 5672}"
+    assert all(sum(p["socket_kinds"].values()) == p["sockets"]
+               for s in samples for p in s["procs"]), samples[-1]
+    api = [p for s in samples for p in s["procs"] if p["kind"] == "API worker"]
+    assert all(p["socket_kinds"].get("listening") == 1 for p in api), api[-1]
+    for kind in ("API worker", "worker"):
+        assert any(p["socket_kinds"].get(broker_port) for s in samples for p in s["procs"]
+                   if p["kind"] == kind), (kind, samples[-1])
     assert all(s["queue"] is not None and s["metrics_files"] and s["storage_bytes"] > 0
                for s in samples), samples[-1]
     assert all(s["alerts"] is not None for s in samples), "Prometheus's alerts were not read"
