@@ -367,7 +367,8 @@ class Publisher:
             if self._connection is not None and self._connection.is_open \
                     and self._channel.is_open:
                 return True
-            self._drop()
+        if self._connection is not None:
+            self._drop()            # closed or closing: release its socket and I/O loop
         self._connect()
         return False
 
