@@ -27,10 +27,10 @@ KINDS = ("API master", "API worker", "worker", "renderer", "worker helper", "web
          "beam.smp")
 
 
-def proc(pid, sockets_here=None):
+def proc(pid, sockets_here):
     """(RSS bytes, open fds, of which sockets, threads, the sockets by kind
     (socket_kinds)) of ``pid``, or None once it is gone. ``sockets_here``:
-    socket_table() of this moment; without it, the kinds are {}."""
+    socket_table() of this moment."""
     try:
         with open(f"/proc/{pid}/status") as handle:
             status = dict(line.split(":", 1) for line in handle if ":" in line)
@@ -43,9 +43,8 @@ def proc(pid, sockets_here=None):
                 continue
             if target.startswith("socket:["):
                 inodes.append(int(target[len("socket:["):-1]))
-        kinds = socket_kinds(inodes, sockets_here) if sockets_here is not None else {}
         return (int(status["VmRSS"].split()[0]) * 1024, len(fds), len(inodes),
-                int(status["Threads"]), kinds)
+                int(status["Threads"]), socket_kinds(inodes, sockets_here))
     except (OSError, KeyError, ValueError):
         return None
 
