@@ -34,6 +34,12 @@ def _metric_files(pipeline):
     return sorted(os.listdir(pipeline.metrics_dir))
 
 
+def _files_of_slots(count):
+    """Every file ``count`` processes counting at once may leave."""
+    return {f"{kind}_{slot}.db" for kind in ("counter", "histogram") for slot in range(count)} | {
+        f"slot-{slot}.lock" for slot in range(count)}
+
+
 def test_the_api_started_with_no_unit_environment_sums_its_four_processes(make_pipeline):
     for name in ("PROMETHEUS_MULTIPROC_DIR", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         assert name not in os.environ, f"the test runs with {name} set"
@@ -92,4 +98,9 @@ def test_counters_survive_deaths_and_restarts_and_the_directory_does_not_grow(ma
             assert worker.stop() == 0
         worker = pipeline.start_worker()
         upload_and_count(2)
-    assert _metric_files(pipeline) == settled
+    # At most four processes count at once: the arbiter and the worker from
+    # their start, each gunicorn worker from the first upload it answers.
+    # Either gunicorn worker may accept an upload, so whether both had one
+    # by the time of ``settled`` is chance; the bound is not.
+    files = _metric_files(pipeline)
+    assert set(settled) <= set(files) <= _files_of_slots(4), files
